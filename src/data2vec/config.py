@@ -1,0 +1,475 @@
+"""Typed, frozen configuration for a data2vec run.
+
+One dataclass per concern (model, masking, teacher, targets, loss, optimiser, data,
+training). Every field is checked when the object is built, so a bad value fails at
+once with the dotted key in the message. `RunConfig.to_dict()` is what lands in
+`config.json` next to every checkpoint, and `RunConfig.from_dict()` rebuilds it,
+rejecting unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+Modality = Literal["image", "audio", "text"]
+NormOrder = Literal["pre", "post"]
+NormKind = Literal["instance", "layer", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the dotted key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """The shared Transformer (prenet blocks + main blocks)."""
+
+    dim: int = 768
+    """Model width D."""
+    depth: int = 12
+    """Number of main blocks; targets come only from these."""
+    prenet_depth: int = 0
+    """Blocks run before the main blocks (data2vec 2.0 image base uses 2)."""
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_order: NormOrder = "post"
+    """'pre' = pre-LN ViT (data2vec 1.0 vision); 'post' = post-LN (1.0 speech/text, all of 2.0)."""
+    norm_eps: float = 1e-6
+    qkv_bias: Literal["all", "qv", "none"] = "all"
+    """'qv' = bias on query and value only (BEiT)."""
+    layer_scale_init: float = 0.0
+    """LayerScale init value for pre-LN blocks; 0 disables LayerScale."""
+    position_bias: Literal["none", "shared", "per_layer"] = "none"
+    """Attention bias from the front-end (relative positions / ALiBi): one for all blocks or one per block."""
+    input_norm: bool = False
+    """LayerNorm on the encoder input (post-LN models)."""
+    final_norm: bool = False
+    """LayerNorm after the last block (pre-LN models)."""
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    drop_path: float = 0.0
+    """Maximum stochastic-depth rate, increased linearly over the blocks."""
+    layerdrop: float = 0.0
+
+    def validate(self, key: str) -> None:
+        for name in ("dim", "depth", "num_heads"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
+        _check(self.prenet_depth >= 0, f"{key}.prenet_depth", "must be >= 0")
+        _check(
+            self.dim % self.num_heads == 0,
+            f"{key}.num_heads",
+            f"dim {self.dim} is not divisible by num_heads {self.num_heads}",
+        )
+        _check(self.mlp_ratio > 0, f"{key}.mlp_ratio", "must be positive")
+        for name in ("dropout", "attn_dropout", "activation_dropout", "drop_path", "layerdrop"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{key}.{name}", "must be in [0, 1)")
+        _check(self.layer_scale_init >= 0, f"{key}.layer_scale_init", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageConfig:
+    """Image front-end: a ViT patch embedding."""
+
+    image_size: tuple[int, int] = (224, 224)
+    """(height, width) in pixels."""
+    patch_size: int = 16
+    channels: int = 3
+    positions: Literal["none", "sincos"] = "none"
+    """Absolute positions added to patch tokens: fixed 2-D sin-cos (2.0) or none (1.0 uses relative bias)."""
+    cls_token: bool = True
+
+    def validate(self, key: str) -> None:
+        h, w = self.image_size
+        _check(h > 0 and w > 0, f"{key}.image_size", "must be positive")
+        _check(self.patch_size > 0, f"{key}.patch_size", "must be positive")
+        _check(
+            h % self.patch_size == 0 and w % self.patch_size == 0,
+            f"{key}.patch_size",
+            f"patch size {self.patch_size} does not divide the image size {h}x{w}",
+        )
+        _check(self.channels in (1, 3), f"{key}.channels", "must be 1 or 3")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """data2vec 2.0 convolutional decoder (1-D for audio/text, 2-D for images)."""
+
+    dim: int = 768
+    kernel_size: int = 3
+    groups: int = 16
+    layers: int = 6
+    residual: bool = True
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+    input_dropout: float = 0.0
+    mask_noise_std: float = 0.01
+    """Std of the Gaussian noise that stands in for masked tokens at the decoder input."""
+
+    def validate(self, key: str) -> None:
+        _check(self.dim > 0 and self.layers > 0, key, "dim and layers must be positive")
+        _check(self.kernel_size > 0, f"{key}.kernel_size", "must be positive")
+        _check(self.groups > 0 and self.dim % self.groups == 0, f"{key}.groups", "must divide decoder dim")
+        _check(self.projection_layers in (1, 2), f"{key}.projection_layers", "must be 1 or 2")
+        _check(0.0 <= self.input_dropout < 1.0, f"{key}.input_dropout", "must be in [0, 1)")
+        _check(self.mask_noise_std >= 0, f"{key}.mask_noise_std", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    modality: Modality = "image"
+    version: Literal[1, 2] = 2
+    """1 = masked tokens replaced by a learned vector + linear head; 2 = visible-only encoder + conv decoder."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    head_layers: int = 1
+    """data2vec 1.0 regression head: 1 = Linear, 2 = Linear-GELU-Linear."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self, key: str) -> None:
+        _check(self.modality in ("image",), f"{key}.modality", f"modality {self.modality!r} is not built yet")
+        _check(self.version in (1, 2), f"{key}.version", "must be 1 or 2")
+        _check(self.head_layers in (1, 2), f"{key}.head_layers", "must be 1 or 2")
+        self.encoder.validate(f"{key}.encoder")
+        self.image.validate(f"{key}.image")
+        self.decoder.validate(f"{key}.decoder")
+
+
+# ----------------------------------------------------------------------- objective
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskingConfig:
+    kind: Literal["beit_block", "inverse_block", "random"] = "inverse_block"
+    """beit_block: BEiT blocks (1.0 images); inverse_block: visible blocks, rest masked (2.0 images)."""
+    mask_prob: float = 0.8
+    """Fraction of tokens masked (the student predicts these)."""
+    block_size: int = 3
+    """Side of a square block (inverse_block)."""
+    min_block_patches: int = 16
+    """Smallest BEiT block area in patches (beit_block)."""
+    mask_prob_adjust: float = 0.07
+    """Extra block density before the exact-count fix-up (inverse_block)."""
+    num_masks: int = 1
+    """M: masks per sample sharing one teacher pass (2.0 only)."""
+
+    def validate(self, key: str) -> None:
+        _check(0.0 < self.mask_prob < 1.0, f"{key}.mask_prob", f"{self.mask_prob} is not in (0, 1)")
+        _check(self.block_size >= 1, f"{key}.block_size", "must be >= 1")
+        _check(self.min_block_patches >= 1, f"{key}.min_block_patches", "must be >= 1")
+        _check(self.mask_prob_adjust >= 0, f"{key}.mask_prob_adjust", "must be >= 0")
+        _check(self.num_masks >= 1, f"{key}.num_masks", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    ema_scope: Literal["local", "context", "encoder"] = "local"
+    """What the EMA teacher tracks: everything from this stage on; the stages before it are shared
+    with the student. local = whole front-end + encoder (images); context = positions/prefix tokens +
+    encoder, the feature extractor shared (2.0 audio); encoder = encoder only (text, 1.0 audio)."""
+    decay: float = 0.999
+    end_decay: float = 0.9999
+    anneal_steps: int = 30_000
+    """Linear anneal from decay to end_decay over this many optimizer steps, then hold."""
+
+    def validate(self, key: str) -> None:
+        _check(0.0 <= self.decay <= 1.0, f"{key}.decay", "must be in [0, 1]")
+        _check(0.0 <= self.end_decay <= 1.0, f"{key}.end_decay", "must be in [0, 1]")
+        _check(self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    top_k: int = 8
+    """Average the outputs of the top K main blocks."""
+    layer_source: Literal["ffn", "block"] = "ffn"
+    """ffn = FFN output before the residual (1.0 speech/text, all 2.0); block = block output (1.0 vision)."""
+    layer_norm: NormKind = "instance"
+    """Normalisation applied to each layer before averaging."""
+    final_norm: NormKind = "none"
+    """Normalisation applied after averaging."""
+
+    def validate(self, key: str) -> None:
+        _check(self.top_k >= 1, f"{key}.top_k", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    beta: float = 0.0
+    """0 = squared error; > 0 = Smooth-L1 with this beta."""
+    scale: Literal["rsqrt_dim", "inv_dim", "one"] = "rsqrt_dim"
+    """Per-token loss = sum over dims x scale (1/sqrt(D), 1/D = mean over elements, or 1)."""
+    cls_weight: float = 0.0
+    """2.0 images: weight of the CLS regression onto the mean target, relative to the per-token loss."""
+
+    def validate(self, key: str) -> None:
+        _check(self.beta >= 0, f"{key}.beta", "must be >= 0")
+        _check(self.cls_weight >= 0, f"{key}.cls_weight", "must be >= 0")
+
+
+# -------------------------------------------------------------------- optimisation
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to 1-D parameters (norms, biases, tokens)."""
+    warmup_steps: int = 0
+    clip_grad: float = 0.0
+    """Max gradient norm; 0 disables clipping."""
+
+    def validate(self, key: str) -> None:
+        _check(self.lr > 0, f"{key}.lr", "must be positive")
+        _check(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, lr]")
+        _check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", "must be in [0, 1)")
+        _check(self.eps > 0, f"{key}.eps", "must be positive")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(self.clip_grad >= 0, f"{key}.clip_grad", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = ""
+    """Image folder, tar shard(s) (a file, a folder of .tar, or a glob), or 'builtin:digits'."""
+    batch_size: int = 32
+    """Samples per micro-batch (per process)."""
+    num_workers: int = 1
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range."""
+    hflip: bool = True
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength (0.4 in 1.0 vision)."""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    on_bad_input: Literal["skip", "fail"] = "fail"
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, f"{key}.crop_scale", "must satisfy 0 < min <= max <= 1")
+        _check(0 <= self.color_jitter < 1, f"{key}.color_jitter", "must be in [0, 1)")
+        _check(len(self.mean) == len(self.std), f"{key}.std", "mean and std must have the same length")
+        _check(all(s > 0 for s in self.std), f"{key}.std", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the EMA updates once per optimizer step)."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 2
+    collapse_after: int = 5000
+    """The collapse monitor fires only after this many steps (warm-up)."""
+    min_target_std: float = 0.1
+    min_pred_std: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+        _check(self.log_every >= 1, f"{key}.log_every", "must be >= 1")
+        _check(self.ckpt_every >= 1, f"{key}.ckpt_every", "must be >= 1")
+        _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"{key}.device",
+            f"{self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything that defines a pretraining run; saved as config.json in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+    """Name of the preset this config was derived from (informational)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+        enc = self.model.encoder
+        _check(
+            self.targets.top_k <= enc.depth,
+            "targets.top_k",
+            f"{self.targets.top_k} is larger than model.encoder.depth {enc.depth}",
+        )
+        if self.model.version == 1:
+            _check(self.masking.num_masks == 1, "masking.num_masks", "multi-mask needs model.version=2")
+        if self.model.modality == "image":
+            _check(
+                len(self.data.mean) == self.model.image.channels,
+                "data.mean",
+                f"has {len(self.data.mean)} values for {self.model.image.channels} image channel(s)",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------- (de)serialising
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting JSON lists to tuples."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {
+        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    return _from_dict(cls, data, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse 'a.b.c=value'; the value is JSON if it parses, else a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"{text!r}: an override must look like key=value (e.g. optim.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{text!r}: empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Return a copy of `cfg` with dotted `key=value` overrides applied and validated."""
+    data = to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: unknown key")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(f"{'.'.join(path)}: unknown key (valid keys: {', '.join(sorted(node))})")
+        node[path[-1]] = value
+    return from_dict(type(cfg), data)

@@ -1,0 +1,240 @@
+"""`Data2Vec`: student, EMA teacher and the pretraining objective, for any modality.
+
+One model, two modes (`ModelConfig.version`):
+
+- 1.0: the student sees the full sequence with masked tokens replaced by a learned
+  vector; a linear (or 2-layer) head predicts the targets at masked positions.
+- 2.0: the student encodes only the visible tokens (packed densely); a small conv
+  decoder fills the masked slots from noise; M masks per sample share one teacher pass;
+  images add a CLS loss.
+
+Shapes: B samples, M masks per sample, T tokens, P prefix tokens, D width, K top layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from data2vec.config import LossConfig, MaskingConfig, ModelConfig, RunConfig, TargetConfig, TeacherConfig
+from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
+from data2vec.modalities import Tokens, build_frontend
+from data2vec.nn.decoder import ConvDecoder
+from data2vec.nn.transformer import Encoder, EncoderOutput
+from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss
+from data2vec.teacher import EMATeacher
+
+
+class Batch(NamedTuple):
+    inputs: Tensor
+    """Images (B, C, H, W)."""
+    mask: Tensor | None = None
+    """(B*M, T) bool, True = masked; None lets the model draw masks."""
+    padding_mask: Tensor | None = None
+    """Input-level padding, (B, L) bool, True = pad."""
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor
+    """Scalar objective (mean over masked tokens, plus the weighted CLS term)."""
+    metrics: dict[str, Tensor]
+    """Detached scalars: loss_reg, loss_cls, target_std, pred_std, masked_tokens."""
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class Data2Vec(nn.Module):
+    def __init__(
+        self,
+        model: ModelConfig,
+        masking: MaskingConfig,
+        teacher: TeacherConfig,
+        targets: TargetConfig,
+        loss: LossConfig,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.masking, self.target_cfg, self.loss_cfg = model, masking, targets, loss
+        self.teacher_cfg = teacher
+        dim = model.encoder.dim
+        self.frontend = build_frontend(model)
+        self.encoder = Encoder(model.encoder, self.frontend.make_position_bias)
+        if model.version == 1:
+            self.head: nn.Module = (
+                nn.Linear(dim, dim)
+                if model.head_layers == 1
+                else nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+            )
+        else:
+            grid = self.frontend.grid if self.frontend.decoder_2d else None
+            self.head = ConvDecoder(model.decoder, dim, grid)
+        self._init_weights()
+        # Built last, from the initialised student: the teacher starts as an exact copy.
+        self.teacher = EMATeacher(self.student_parts())
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Data2Vec:
+        return cls(cfg.model, cfg.masking, cfg.teacher, cfg.targets, cfg.loss)
+
+    # ------------------------------------------------------------------ structure
+
+    def _init_weights(self) -> None:
+        self.frontend.apply(_init_linear)
+        self.encoder.apply(_init_linear)
+        if self.cfg.version == 1:
+            self.head.apply(_init_linear)
+        ctx = self.frontend.context
+        if ctx.prefix is not None:
+            nn.init.trunc_normal_(ctx.prefix, std=0.02, a=-0.04, b=0.04)
+        if ctx.mask_emb is not None:
+            nn.init.trunc_normal_(ctx.mask_emb, std=0.02, a=-0.04, b=0.04)
+        if self.cfg.encoder.norm_order == "pre":
+            # BEiT: scale the residual-branch outputs down with depth.
+            for i, blk in enumerate(self.encoder.blocks):
+                layer_id = self.cfg.encoder.prenet_depth + i + 1
+                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
+                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+
+    def student_parts(self) -> dict[str, nn.Module]:
+        """The student modules the teacher tracks, by `teacher.ema_scope`."""
+        parts: dict[str, nn.Module] = {"encoder": self.encoder}
+        if self.teacher_cfg.ema_scope in ("local", "context"):
+            parts["context"] = self.frontend.context
+        if self.teacher_cfg.ema_scope == "local":
+            parts["local"] = self.frontend.local
+        return parts
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def teacher_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")}
+
+    @torch.no_grad()
+    def update_teacher(self, decay: float) -> None:
+        """EMA step; call after each optimizer step."""
+        self.teacher.update(self.student_parts(), decay)
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.frontend.grid
+        return h * w
+
+    def draw_masks(self, batch: int, generator: torch.Generator) -> Tensor:
+        """(B*M, T) masks from the masking config (what the data loader does in training)."""
+        m = self.masking
+        return draw_masks(
+            m.kind, batch, self.frontend.grid, m.mask_prob, generator=generator,
+            num_masks=m.num_masks if self.cfg.version == 2 else 1, block_size=m.block_size,
+            mask_prob_adjust=m.mask_prob_adjust, min_block_patches=m.min_block_patches,
+        )
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def teacher_targets(self, inputs: Tensor, student_tokens: Tokens) -> Tensor:
+        """Targets from the teacher on the unmasked input: (B, T, D) float32, prefix removed."""
+        t = self.teacher
+        if "local" in t:
+            tokens = t["local"](inputs)
+        else:  # shared feature extractor: reuse the student's features, no gradient
+            tokens = Tokens(student_tokens.x.detach(), student_tokens.padding_mask)
+        context = t["context"] if "context" in t else self.frontend.context
+        enc_in = context(tokens, clean=True)
+        out = t["encoder"](enc_in.x, enc_in.padding_mask, enc_in.positions, keep_layers=self.target_cfg.top_k)
+        P = self.frontend.num_prefix
+        feats = [(o.ffn_out if self.target_cfg.layer_source == "ffn" else o.x)[:, P:] for o in out.layers]
+        return build_targets(
+            feats, self.target_cfg.top_k, self.target_cfg.layer_norm, self.target_cfg.final_norm,
+            tokens.padding_mask,
+        )
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> StepOutput:
+        """One pretraining objective evaluation (SPEC 2.1 / 3.3)."""
+        tokens = self.frontend.local(batch.inputs, batch.padding_mask)  # once per sample
+        B, T, D = tokens.x.shape
+        M = self.masking.num_masks if self.cfg.version == 2 else 1
+        mask = batch.mask
+        if mask is None:
+            mask = self.draw_masks(B, generator or torch.Generator().manual_seed(0)).to(tokens.x.device)
+        if mask.shape != (B * M, T):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B * M, T)}")
+        y = self.teacher_targets(batch.inputs, tokens)  # (B, T, D) fp32
+        P = self.frontend.num_prefix
+
+        if self.cfg.version == 1:
+            enc_in = self.frontend.context(tokens, mask=mask)
+            out = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions)
+            pred = self.head(out.x[:, P:][mask])  # (N, D)
+        else:
+            if M > 1:
+                pad = tokens.padding_mask
+                tokens = Tokens(
+                    tokens.x.repeat_interleave(M, 0), pad.repeat_interleave(M, 0) if pad is not None else None
+                )
+                y_rep = y.repeat_interleave(M, 0)
+            else:
+                y_rep = y
+            ids_keep, ids_restore = mask_to_indices(mask)
+            enc_in = self.frontend.context(tokens, mask=mask, ids_keep=ids_keep)
+            out = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions)
+            pred = self.decode(out, ids_restore)[mask]
+            y = y_rep
+
+        target = y[mask]  # (N, D)
+        scale = loss_scale(self.loss_cfg.scale, D)
+        loss_reg = regression_loss(pred, target, self.loss_cfg.beta, scale).mean()
+        loss = loss_reg
+        loss_cls = loss_reg.new_zeros(())
+        if self.cfg.version == 2 and P > 0 and self.loss_cfg.cls_weight > 0:
+            # CLS regresses onto the mean over tokens of the final target (2.0 images).
+            cls_target = y.mean(dim=1)
+            loss_cls = regression_loss(out.x[:, 0], cls_target, 0.0, scale).mean()
+            loss = loss + self.loss_cfg.cls_weight * loss_cls
+        metrics = {
+            "loss_reg": loss_reg.detach(),
+            "loss_cls": loss_cls.detach(),
+            "target_std": feature_std(target),
+            "pred_std": feature_std(pred),
+            "masked_tokens": torch.tensor(float(target.shape[0])),
+        }
+        return StepOutput(loss, metrics)
+
+    def decode(self, out: EncoderOutput, ids_restore: Tensor) -> Tensor:
+        """2.0 decoder: visible outputs + noise for masked slots, original order, no positions."""
+        P = self.frontend.num_prefix
+        dcfg = self.cfg.decoder
+        vis = nn.functional.dropout(out.x[:, P:], dcfg.input_dropout, training=self.training)
+        B, Tk, D = vis.shape
+        n_masked = ids_restore.shape[1] - Tk
+        noise = torch.randn(B, n_masked, D, device=vis.device, dtype=vis.dtype) * dcfg.mask_noise_std
+        result: Tensor = self.head(restore_tokens(vis, noise, ids_restore))
+        return result
+
+    # ------------------------------------------------------------------ inference
+
+    def encode(self, inputs: Tensor, padding_mask: Tensor | None = None, keep_layers: int | None = None) -> EncoderOutput:
+        """Unmasked student forward: final output (B, P+T, D) and the last `keep_layers` blocks
+        (all main blocks by default)."""
+        tokens = self.frontend.local(inputs, padding_mask)
+        enc_in = self.frontend.context(tokens, clean=True)
+        keep = len(self.encoder.blocks) if keep_layers is None else keep_layers
+        out: EncoderOutput = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions, keep_layers=keep)
+        return out
+
+
+def no_weight_decay(name: str, param: Tensor) -> bool:
+    """1-D parameters (norms, biases, LayerScale), tokens and position tables get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(
+        k in name for k in (".prefix", "mask_emb", "position_bias")
+    )
