@@ -187,13 +187,14 @@ class TeacherConfig:
     encoder, the feature extractor shared (2.0 audio); encoder = encoder only (text, 1.0 audio)."""
     decay: float = 0.999
     end_decay: float = 0.9999
-    anneal_steps: int = 30_000
-    """Linear anneal from decay to end_decay over this many optimizer steps, then hold."""
+    anneal_steps: int | None = None
+    """Linear anneal from decay to end_decay over this many optimizer steps, then hold;
+    None = over the whole run (train.steps)."""
 
     def validate(self, key: str) -> None:
         _check(0.0 <= self.decay <= 1.0, f"{key}.decay", "must be in [0, 1]")
         _check(0.0 <= self.end_decay <= 1.0, f"{key}.end_decay", "must be in [0, 1]")
-        _check(self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
+        _check(self.anneal_steps is None or self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

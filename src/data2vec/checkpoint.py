@@ -1,0 +1,177 @@
+"""Crash-safe checkpoints.
+
+Layout of one checkpoint, `RUN_DIR/checkpoints/step_00001000/`:
+
+    student.safetensors   the student (front-end, encoder, head or decoder)
+    teacher.safetensors   the EMA teacher
+    config.json           the fully resolved RunConfig
+    state.pt              optimizer state, step, RNG state; plain tensors and containers,
+                          loaded with torch.load(weights_only=True)
+    manifest.json         format version, step, and the SHA-256 of every file above
+
+A checkpoint is written into a temporary folder, every file is fsynced, and the folder
+is renamed into place, so a crash mid-save leaves at worst a stray temporary folder,
+never a half-written checkpoint. On load, the newest checkpoint whose manifest and
+checksums verify is used; a corrupt one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+FILES = ("student.safetensors", "teacher.safetensors", "config.json", "state.pt")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor]
+    config: dict[str, Any]
+    state: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    student: dict[str, Tensor],
+    teacher: dict[str, Tensor],
+    config: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Atomically write checkpoint `step` and delete all but the newest `keep_last`."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(student), str(tmp / "student.safetensors"))
+        save_file(_contiguous(teacher), str(tmp / "teacher.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(state, tmp / "state.pt")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "sha256": {name: _sha256(tmp / name) for name in FILES},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in (*FILES, "manifest.json"):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {e}. The previous checkpoint is intact."
+            ) from e
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if the checkpoint is complete and its checksums match, else what is wrong."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable manifest ({e})"
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return f"unknown format version {manifest.get('format_version')!r}"
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        if _sha256(file) != manifest.get("sha256", {}).get(name):
+            return f"checksum mismatch in {name} (truncated or corrupt)"
+    return None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load one checkpoint folder without unpickling any code."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    manifest = json.loads((path / "manifest.json").read_text())
+    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+    return Checkpoint(
+        path=path,
+        step=int(manifest["step"]),
+        student=load_file(str(path / "student.safetensors"), device=str(map_location)),
+        teacher=load_file(str(path / "teacher.safetensors"), device=str(map_location)),
+        config=json.loads((path / "config.json").read_text()),
+        state=state,
+    )
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return load_checkpoint(path, map_location)
+        warnings.warn(f"skipping corrupt checkpoint {path}: {problem}", stacklevel=2)
+    return None

@@ -1,0 +1,270 @@
+"""The pretraining loop.
+
+Each optimizer step (data2vec 1.0 section 3, 2.0 section 3.3 of SPEC):
+    teacher targets on the unmasked input (no grad)  ->  student on the masked input
+    ->  regression loss at masked positions  ->  backward (x grad_accum)  ->  clip
+    ->  AdamW step  ->  EMA update of the teacher.
+Schedules are pure functions of the step and the data position is a pure function of
+the micro-batch counter, so `resume` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data2vec.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from data2vec.config import ConfigError, OptimConfig, RunConfig
+from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader
+from data2vec.model import Batch, Data2Vec, no_weight_decay
+from data2vec.schedules import cosine_lr, ema_decay
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (collapse, non-finite loss); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    model: Data2Vec
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped_inputs: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CPU (AMX) and CUDA; fp32 is a no-op."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-D parameters, biases, tokens and position tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def anneal_steps(cfg: RunConfig) -> int:
+    return cfg.train.steps if cfg.teacher.anneal_steps is None else cfg.teacher.anneal_steps
+
+
+def _next_batch(it: Iterator[PretrainBatch], skipped: list[str]) -> PretrainBatch:
+    while True:
+        b = next(it)
+        skipped.extend(b.skipped)
+        if b.inputs.numel():
+            return b
+
+
+class _Log:
+    def __init__(self, run_dir: Path, quiet: bool) -> None:
+        self.path = run_dir / "train.log"
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+        if not self.quiet:
+            tqdm.write(msg)
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> TrainResult:
+    """Pretrain per `cfg`, writing checkpoints, metrics.jsonl and loss.png into `run_dir`.
+
+    With `resume=True`, continue from the newest valid checkpoint in `run_dir` using the
+    config saved there (`cfg` is ignored except when no checkpoint exists yet).
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved}: not a run directory (no config.json) - nothing to resume")
+        cfg = RunConfig.load(saved)
+    elif list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(run_dir, quiet)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    model = Data2Vec.from_config(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    start = 0
+    ckpt = load_latest(run_dir, map_location=device) if resume else None
+    if ckpt is not None:
+        model.load_state_dict({**ckpt.student, **ckpt.teacher}, strict=True)
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        torch.set_rng_state(ckpt.state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt.state:
+            torch.cuda.set_rng_state(ckpt.state["rng_cuda"], device)
+        start = ckpt.step
+        log(f"resumed from {ckpt.path} at step {start}")
+    elif resume:
+        log(f"no checkpoint in {run_dir} yet: starting from step 0")
+    if not resume:
+        cfg.save(run_dir / "config.json")
+
+    history: list[dict[str, float]] = []
+    skipped: list[str] = []
+    metrics_path = run_dir / "metrics.jsonl"
+    if start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    elif metrics_path.exists():  # drop lines logged after the checkpoint we resumed from
+        lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in lines))
+
+    if start >= tc.steps:
+        log(f"run already finished ({start} of {tc.steps} steps)")
+        return TrainResult(run_dir, start, model, history, skipped)
+
+    data, n_samples = build_pretrain_loader(cfg, start_batch=start * tc.grad_accum)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        f"data2vec {cfg.model.version}.0 {cfg.model.modality} | {n_params / 1e6:.2f}M trainable params | "
+        f"{n_samples} samples | batch {cfg.data.batch_size}x{tc.grad_accum} | {tc.precision} on {device}"
+    )
+
+    def save(step: int) -> None:
+        state: dict[str, Any] = {"optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        path = save_checkpoint(
+            run_dir, step, model.student_state_dict(), model.teacher_state_dict(), cfg.to_dict(), state,
+            keep_last=tc.keep_last,
+        )
+        log(f"saved checkpoint {path}")
+
+    model.train()
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
+    t_last, samples_since = time.perf_counter(), 0
+    last_saved = start
+    step = start
+    try:
+        for step in range(start, tc.steps):
+            lr = cosine_lr(step, tc.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            for _ in range(tc.grad_accum):
+                b = _next_batch(data, skipped)
+                batch = Batch(b.inputs.to(device, non_blocking=True), b.mask.to(device, non_blocking=True))
+                with autocast(device, tc.precision):
+                    out = model(batch)
+                (out.loss / tc.grad_accum).backward()
+                samples_since += batch.inputs.shape[0]
+                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / tc.grad_accum
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
+            if not math.isfinite(sums["loss"]):
+                raise TrainingStopped(
+                    f"non-finite loss {sums['loss']} at step {step}; stopped. "
+                    f"The last good checkpoint is step {last_saved} in {run_dir}."
+                )
+            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            decay = ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, anneal_steps(cfg))
+            model.update_teacher(decay)
+
+            now = time.perf_counter()
+            record = {"step": step + 1, **sums, "lr": lr, "ema_decay": decay, "grad_norm": grad_norm}
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                record["samples_per_sec"] = samples_since / max(now - t_last, 1e-9)
+                t_last, samples_since = now, 0
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(
+                    loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_sec']:.0f}",
+                    tgt_std=f"{sums['target_std']:.3f}",
+                )
+            history.append(record)
+            bar.update(1)
+
+            collapsed = (step + 1) > tc.collapse_after and (
+                sums["target_std"] < tc.min_target_std or sums["pred_std"] < tc.min_pred_std
+            )
+            if collapsed:
+                raise TrainingStopped(
+                    f"representation collapse at step {step + 1}: target std {sums['target_std']:.4f} "
+                    f"(min {tc.min_target_std}), prediction std {sums['pred_std']:.4f} (min {tc.min_pred_std}). "
+                    f"Stopped without saving; the last good checkpoint is step {last_saved} in {run_dir}. "
+                    "Try a lower optim.lr or a slower teacher (teacher.decay closer to 1)."
+                )
+            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+                save(step + 1)
+                last_saved = step + 1
+                plot_loss_curve(metrics_path, run_dir / "loss.png")
+        step = tc.steps
+    except TrainingStopped as e:
+        log(str(e))
+        raise
+    finally:
+        bar.close()
+        if skipped:
+            log(f"skipped {len(skipped)} bad input(s):\n  " + "\n  ".join(skipped))
+    return TrainResult(run_dir, step, model, history, skipped)
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> None:
+    """loss and target/prediction std against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["loss"] for r in rows], lw=1)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.set_title("data2vec loss")
+    ax2.plot(steps, [r["target_std"] for r in rows], label="target std")
+    ax2.plot(steps, [r["pred_std"] for r in rows], label="prediction std")
+    ax2.set_xlabel("step")
+    ax2.set_title("collapse monitor")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
