@@ -185,6 +185,12 @@ def build_model() -> Callable[..., Data2Vec]:
     return make_model
 
 
+@pytest.fixture(name="ref_targets")
+def ref_targets_fixture() -> Callable[..., np.ndarray]:
+    """Reference (numpy, explicit loops) top-K target construction."""
+    return ref_targets
+
+
 @pytest.fixture
 def images() -> Callable[..., torch.Tensor]:
     return make_images

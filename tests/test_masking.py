@@ -24,7 +24,9 @@ def gen(seed: int) -> torch.Generator:
 # ------------------------------------------------------------------ BEiT block masking
 
 
-@pytest.mark.parametrize("grid, num_masked, min_patches", [((14, 14), 75, 16), ((4, 4), 8, 2), ((6, 5), 13, 4)])
+@pytest.mark.parametrize(
+    "grid, num_masked, min_patches", [((14, 14), 75, 16), ((4, 4), 8, 2), ((6, 5), 13, 4)]
+)
 def test_beit_block_mask_never_exceeds_budget(grid, num_masked, min_patches) -> None:
     for seed in range(15):
         m = beit_block_mask(5, grid, num_masked, generator=gen(seed), min_patches=min_patches)
@@ -73,7 +75,8 @@ def test_block_mask_2d_inverse_base_numbers() -> None:
 
 
 @pytest.mark.parametrize(
-    "grid, p, block, adjust", [((4, 4), 0.75, 2, 0.05), ((14, 14), 0.75, 3, 0.1), ((7, 9), 0.6, 3, 0.0)]
+    "grid, p, block, adjust",
+    [((4, 4), 0.75, 2, 0.05), ((14, 14), 0.75, 3, 0.1), ((7, 9), 0.6, 3, 0.0), ((4, 4), 0.65, 2, 0.05)],
 )
 def test_block_mask_2d_inverse_exact_count(grid, p, block, adjust) -> None:
     L = grid[0] * grid[1]
@@ -83,12 +86,22 @@ def test_block_mask_2d_inverse_exact_count(grid, p, block, adjust) -> None:
         assert m.sum(1).tolist() == [expected] * 4
 
 
-@pytest.mark.parametrize("grid, p", [((14, 14), 0.5), ((4, 4), 0.75), ((5, 7), 0.3)])
+@pytest.mark.parametrize("grid, p", [((14, 14), 0.5), ((4, 4), 0.75), ((5, 7), 0.3), ((4, 4), 0.6)])
 def test_block_mask_2d_non_inverse_exact_count(grid, p) -> None:
     L = grid[0] * grid[1]
     for seed in range(30):
         m = block_mask_2d(4, grid, p, generator=gen(seed), block_size=2, mask_prob_adjust=0.05, inverse=False)
         assert m.sum(1).tolist() == [int(L * p)] * 4
+
+
+def test_block_mask_2d_blocks_are_centred() -> None:
+    # Odd blocks are centred on their centre (offset block_size // 2), so with clamping the
+    # coverage of the grid is mirror-symmetric: the top row is masked as often as the bottom row.
+    m = block_mask_2d(4000, (7, 7), 0.3, generator=gen(0), block_size=3, mask_prob_adjust=0.0, inverse=False)
+    freq = m.view(-1, 7, 7).float().mean(0)
+    assert abs(float(freq[0].mean() - freq[-1].mean())) < 0.03
+    assert abs(float(freq[:, 0].mean() - freq[:, -1].mean())) < 0.03
+    torch.testing.assert_close(freq, freq.flip(0).flip(1), atol=0.06, rtol=0)
 
 
 def test_block_mask_2d_visible_set_is_blocky() -> None:

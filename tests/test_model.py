@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEPTH, NUM_TOKENS, ref_targets
 
 from data2vec.config import apply_overrides
 from data2vec.masking import gather_tokens, mask_to_indices
-from data2vec.model import Batch, Data2Vec
 from data2vec.modalities import Tokens
+from data2vec.modalities.image import patchify
+from data2vec.model import Batch, Data2Vec, no_weight_decay
 from data2vec.nn.pos import RelativePositionBias2d
 from data2vec.targets import feature_std
+
+# sizes of the tiny configs built in conftest.py (checked in test_tiny_config_sizes)
+NUM_TOKENS = 16
+DEPTH = 3
 
 
 def gen(seed: int) -> torch.Generator:
@@ -41,6 +45,13 @@ def perturb(params, seed: int, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_tiny_config_sizes(tiny_config) -> None:
+    for version in (1, 2):
+        cfg = tiny_config(version)
+        assert cfg.model.image.grid == (4, 4) and cfg.model.encoder.depth == DEPTH
+        assert cfg.model.encoder.dim == 32 and cfg.targets.top_k == 2
 
 
 # ------------------------------------------------------------------ (a) gradients
@@ -88,14 +99,15 @@ def test_forward_checks_mask_shape(tiny_config, build_model, images) -> None:
 def test_forward_is_deterministic_given_generator(tiny_config, build_model, images) -> None:
     model = build_model(tiny_config(2)).eval()
     x = images(2)
-    a = model(Batch(x), generator=gen(3)).loss
-    b = model(Batch(x), generator=gen(3)).loss
     # decoder noise uses the global RNG: fix it for the comparison
     torch.manual_seed(1)
     a = model(Batch(x), generator=gen(3)).loss
     torch.manual_seed(1)
     b = model(Batch(x), generator=gen(3)).loss
     assert torch.equal(a, b)
+    torch.manual_seed(1)
+    c = model(Batch(x), generator=gen(4)).loss  # another mask
+    assert not torch.equal(a, c)
 
 
 # ------------------------------------------------------------------ full objective by hand
@@ -105,9 +117,6 @@ def test_v1_objective_by_hand(tiny_config, build_model, images) -> None:
     cfg = tiny_config(1)
     model = build_model(cfg).eval()
     randomize_tables(model)
-    model.teacher.load_state_dict(model.teacher.state_dict())  # no-op; teacher == student at init
-    with torch.no_grad():
-        model.teacher["encoder"].position_bias.table.copy_(model.encoder.position_bias.table)
     x = images(2)
     mask = model.draw_masks(2, gen(1))
     out = model(Batch(x, mask=mask))
@@ -251,7 +260,11 @@ def test_visible_only_encoding_relative_bias(tiny_config, build_model, images, p
 
     ids_keep, _ = mask_to_indices(mask)
     idx = torch.cat([torch.zeros(2, 1, dtype=torch.long), ids_keep + 1], dim=1)
-    rpbs = [model.encoder.position_bias] if position_bias == "shared" else [b.position_bias for b in model.encoder.blocks]
+    rpbs = (
+        [model.encoder.position_bias]
+        if position_bias == "shared"
+        else [b.position_bias for b in model.encoder.blocks]
+    )
     for rpb in rpbs:
         full_bias = rpb(None, 1 + NUM_TOKENS)[0]  # (H, N, N)
         sub = rpb(idx, idx.shape[1])  # (B, H, T', T')
@@ -282,7 +295,7 @@ def test_visible_only_encoding_relative_bias(tiny_config, build_model, images, p
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_teacher_targets_by_hand(tiny_config, build_model, images, version: int) -> None:
+def test_teacher_targets_by_hand(tiny_config, build_model, images, ref_targets, version: int) -> None:
     cfg = tiny_config(version)
     model = build_model(cfg).eval()
     randomize_tables(model)
@@ -309,23 +322,27 @@ def test_teacher_targets_by_hand(tiny_config, build_model, images, version: int)
     assert not np.allclose(ref_targets(other, tc.top_k, tc.layer_norm, tc.final_norm), expected, atol=1e-2)
     # ...and so would the student's weights
     with torch.no_grad():
-        s_out = model.encoder(
-            model.frontend.context(tokens, clean=True).x, keep_layers=DEPTH
-        )
+        s_out = model.encoder(model.frontend.context(tokens, clean=True).x, keep_layers=DEPTH)
     s_layers = [(o.x if tc.layer_source == "block" else o.ffn_out)[:, 1:].numpy() for o in s_out.layers]
     assert not np.allclose(ref_targets(s_layers, tc.top_k, tc.layer_norm, tc.final_norm), expected, atol=1e-2)
 
 
-def test_teacher_targets_ignore_student_mask(tiny_config, build_model, images) -> None:
-    # the teacher never sees masked input: targets do not depend on the mask
-    model = build_model(tiny_config(1)).eval()
+@pytest.mark.parametrize("version", [1, 2])
+def test_forward_uses_unmasked_teacher_targets(tiny_config, build_model, images, version: int) -> None:
+    # The teacher never sees masked input: the forward's targets are the unmasked targets
+    # selected at the masked positions (repeated per mask in 2.0), whatever the mask.
+    model = build_model(tiny_config(version)).eval()
+    randomize_tables(model)
+    perturb(model.teacher.parameters(), seed=3, scale=0.1)
     x = images(2)
     y = model.teacher_targets(x, model.frontend.local(x))
-    torch.manual_seed(0)
-    a = model(Batch(x, mask=model.draw_masks(2, gen(0))))
-    b = model(Batch(x, mask=model.draw_masks(2, gen(1))))
-    assert torch.isfinite(a.loss) and torch.isfinite(b.loss)
-    torch.testing.assert_close(model.teacher_targets(x, model.frontend.local(x)), y)
+    M = model.masking.num_masks if version == 2 else 1
+    y_rep = y.repeat_interleave(M, 0)
+    for seed in (0, 1):
+        mask = model.draw_masks(2, gen(seed))
+        out = model(Batch(x, mask=mask))
+        torch.testing.assert_close(out.metrics["target_std"], feature_std(y_rep[mask]))
+        assert out.metrics["masked_tokens"] == mask.sum()
 
 
 # ------------------------------------------------------------------ (e) bf16 autocast
@@ -344,8 +361,8 @@ def test_bf16_autocast_matches_fp32(tiny_config, build_model, images, version: i
         out16 = model16(Batch(x, mask=mask))
     assert out16.loss.dtype == torch.float32
     assert torch.isfinite(out16.loss)
-    rel = abs(float(out16.loss) - float(out32.loss)) / abs(float(out32.loss))
-    assert rel < 5e-2, (float(out16.loss), float(out32.loss))
+    l16, l32 = out16.loss.item(), out32.loss.item()
+    assert abs(l16 - l32) / abs(l32) < 5e-2, (l16, l32)
 
     before = {n: p.detach().clone() for n, p in student_params(model32).items()}
     opt32 = torch.optim.AdamW(student_params(model32).values(), lr=1e-3)
@@ -375,7 +392,9 @@ def test_bf16_autocast_matches_fp32(tiny_config, build_model, images, version: i
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_update_teacher_after_step_moves_towards_student(tiny_config, build_model, images, version: int) -> None:
+def test_update_teacher_after_step_moves_towards_student(
+    tiny_config, build_model, images, version: int
+) -> None:
     model = build_model(tiny_config(version)).train()
     x = images(2)
     opt = torch.optim.AdamW(student_params(model).values(), lr=1e-2)
@@ -383,7 +402,9 @@ def test_update_teacher_after_step_moves_towards_student(tiny_config, build_mode
     opt.step()
     student = model.student_parts()
     t_before = {
-        (name, k): p.detach().clone() for name, part in model.teacher.parts.items() for k, p in part.named_parameters()
+        (name, k): p.detach().clone()
+        for name, part in model.teacher.parts.items()
+        for k, p in part.named_parameters()
     }
     gaps_before = {
         key: (t - dict(student[key[0]].named_parameters())[key[1]].detach()) for key, t in t_before.items()
@@ -396,7 +417,10 @@ def test_update_teacher_after_step_moves_towards_student(tiny_config, build_mode
     model.update_teacher(decay)
     total_after = 0.0
     for (name, k), gap in gaps_before.items():
-        new_gap = dict(model.teacher[name].named_parameters())[k] - dict(student[name].named_parameters())[k]
+        new_gap = (
+            dict(model.teacher[name].named_parameters())[k]
+            - dict(student[name].named_parameters())[k].detach()
+        )
         torch.testing.assert_close(new_gap, decay * gap, rtol=1e-4, atol=1e-7)
         total_after += float(new_gap.norm() ** 2)
     assert total_after**0.5 == pytest.approx(decay * total_before, rel=1e-4)
@@ -411,7 +435,14 @@ def test_update_teacher_after_step_moves_towards_student(tiny_config, build_mode
 
 
 @pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("scope, parts", [("local", {"local", "context", "encoder"}), ("context", {"context", "encoder"}), ("encoder", {"encoder"})])
+@pytest.mark.parametrize(
+    "scope, parts",
+    [
+        ("local", {"local", "context", "encoder"}),
+        ("context", {"context", "encoder"}),
+        ("encoder", {"encoder"}),
+    ],
+)
 def test_teacher_starts_as_exact_copy(tiny_config, build_model, version: int, scope: str, parts: set) -> None:
     model = build_model(tiny_config(version, teacher__ema_scope=scope))
     student = model.student_parts()
@@ -428,7 +459,9 @@ def test_teacher_starts_as_exact_copy(tiny_config, build_model, version: int, sc
     assert not any(k.startswith("teacher.parts.head") for k in model.state_dict())
     # the pre-LN BEiT rescale happened before the copy
     if version == 1:
-        assert torch.equal(model.teacher["encoder"].blocks[2].mlp.fc2.weight, model.encoder.blocks[2].mlp.fc2.weight)
+        assert torch.equal(
+            model.teacher["encoder"].blocks[2].mlp.fc2.weight, model.encoder.blocks[2].mlp.fc2.weight
+        )
 
 
 def test_teacher_and_student_state_dict_split(tiny_config, build_model) -> None:
@@ -437,7 +470,9 @@ def test_teacher_and_student_state_dict_split(tiny_config, build_model) -> None:
     assert s and t and not (s.keys() & t.keys())
     assert set(s) | set(t) == set(model.state_dict())
     for k, v in t.items():
-        sk = k.replace("teacher.parts.local.", "frontend.local.").replace("teacher.parts.context.", "frontend.context.")
+        sk = k.replace("teacher.parts.local.", "frontend.local.").replace(
+            "teacher.parts.context.", "frontend.context."
+        )
         sk = sk.replace("teacher.parts.encoder.", "encoder.")
         assert torch.equal(v, s[sk]), k
 
@@ -496,3 +531,71 @@ def test_shared_local_stage_reads_student_tokens(tiny_config, build_model, image
             ref = y1
         else:
             torch.testing.assert_close(y1, ref)
+
+
+# ------------------------------------------------------------------ front-end and helpers
+
+
+def test_patch_embed_row_major(tiny_config, build_model, images) -> None:
+    model = build_model(tiny_config(2))
+    pe = model.frontend.local
+    x = images(2)
+    tokens = pe(x)
+    assert tokens.x.shape == (2, NUM_TOKENS, 32) and tokens.padding_mask is None
+    patches = patchify(x, 8)  # (B, T, p*p*C), row-major patches, (p, q, c) inside
+    assert patches.shape == (2, NUM_TOKENS, 8 * 8 * 3)
+    # patch (row 1, col 2) is the pixel block [8:16, 16:24]
+    torch.testing.assert_close(patches[0, 1 * 4 + 2], x[0, :, 8:16, 16:24].permute(1, 2, 0).reshape(-1))
+    w = pe.proj.weight.permute(0, 2, 3, 1).reshape(32, -1)
+    torch.testing.assert_close(tokens.x, patches @ w.T + pe.proj.bias, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="expected images"):
+        pe(torch.zeros(2, 3, 32, 24))
+    with pytest.raises(ValueError, match="expected images"):
+        pe(torch.zeros(2, 1, 32, 32))
+
+
+def test_no_weight_decay_selection(tiny_config, build_model) -> None:
+    model = build_model(tiny_config(1))
+    decayed = {n for n, p in student_params(model).items() if not no_weight_decay(n, p)}
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed
+    assert "encoder.blocks.0.mlp.fc1.weight" in decayed
+    assert "head.weight" in decayed
+    for n in (
+        "encoder.blocks.0.attn.qkv.weight",
+        "encoder.blocks.0.mlp.fc2.weight",
+        "frontend.local.proj.weight",
+    ):
+        assert n in decayed
+    for n in (
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.0.attn.q_bias",
+        "encoder.blocks.0.gamma1",
+        "encoder.position_bias.table",
+        "frontend.context.prefix",
+        "frontend.context.mask_emb",
+        "head.bias",
+    ):
+        assert n not in decayed, n
+
+
+# ------------------------------------------------------------------ known problems (strict xfail)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: EncoderConfig accepts layer_scale_init > 0 with norm_order='post', and Block then "
+    "creates gamma1/gamma2 parameters that the post-LN forward never uses, so they never get a "
+    "gradient (dead parameters; DistributedDataParallel without find_unused_parameters fails). "
+    "Either reject the combination in EncoderConfig.validate or apply LayerScale in the post-LN path.",
+)
+def test_post_ln_layer_scale_is_used_or_rejected(tiny_config, build_model, images) -> None:
+    from data2vec.config import ConfigError
+
+    try:
+        cfg = tiny_config(2, model__encoder__layer_scale_init=0.1)
+    except ConfigError:
+        return
+    model = build_model(cfg)
+    model(Batch(images(2)), generator=gen(0)).loss.backward()
+    dead = [n for n, p in student_params(model).items() if p.grad is None]
+    assert not dead, dead

@@ -127,7 +127,9 @@ def test_instance_norm_with_padding_equals_unpadded_slice() -> None:
     for b, n in enumerate(lengths):
         alone = instance_norm(x[b : b + 1, :n])
         torch.testing.assert_close(out[b, :n], alone[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(out[b, :n].numpy(), hand_instance_norm(x[b : b + 1, :n].numpy())[0], atol=1e-5)
+        np.testing.assert_allclose(
+            out[b, :n].numpy(), hand_instance_norm(x[b : b + 1, :n].numpy())[0], atol=1e-5
+        )
         assert torch.equal(out[b, n:], torch.zeros(8 - n, 4))
     # no leak: padded values do not influence the real positions
     x2 = x.clone()

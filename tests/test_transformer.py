@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from data2vec.config import EncoderConfig
+from data2vec.config import DecoderConfig, EncoderConfig
+from data2vec.nn.decoder import ConvDecoder
 from data2vec.nn.pos import RelativePositionBias2d, sincos_1d, sincos_2d
-from data2vec.nn.transformer import Attention, Block, BlockOutput, Encoder, padding_bias
+from data2vec.nn.transformer import Attention, Block, BlockOutput, DropPath, Encoder, padding_bias
 
 
 def enc_cfg(**kw) -> EncoderConfig:
@@ -288,3 +290,85 @@ def test_sincos_2d_layout() -> None:
     assert float(grid[0, 2, half // 2 + 1]) == pytest.approx(math.cos(2 * omega1), abs=1e-6)
     with pytest.raises(ValueError):
         sincos_2d(18, (2, 2))
+
+
+# ------------------------------------------------------------------ DropPath
+
+
+def test_drop_path() -> None:
+    dp = DropPath(0.5)
+    x = torch.ones(400, 3, 2)
+    dp.eval()
+    assert torch.equal(dp(x), x)
+    dp.train()
+    torch.manual_seed(0)
+    y = dp(x)
+    per_sample = y.view(400, -1)
+    # whole samples are dropped or scaled by 1/keep
+    assert all(set(r.unique().tolist()) <= {0.0, 2.0} and len(r.unique()) == 1 for r in per_sample)
+    frac = (per_sample[:, 0] == 0).float().mean()
+    assert 0.35 < float(frac) < 0.65
+    assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+# ------------------------------------------------------------------ ConvDecoder
+
+
+def _changed_positions(dec: ConvDecoder, T: int, D: int, where: int) -> set[int]:
+    x = rand(1, T, D, seed=0)
+    base = dec(x)
+    x2 = x.clone()
+    x2[0, where] += 3.0
+    diff = (dec(x2) - base).abs().sum(-1)[0]
+    return set(torch.nonzero(diff > 1e-6).flatten().tolist())
+
+
+def test_conv_decoder_2d_receptive_field_row_major() -> None:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=8, kernel_size=3, groups=2, layers=1, residual=False)
+    dec = ConvDecoder(cfg, 8, grid=(4, 5)).eval()
+    # token 6 = row 1, col 1 of a 4x5 grid: its 3x3 neighbourhood changes
+    expected = {r * 5 + c for r in (0, 1, 2) for c in (0, 1, 2)}
+    assert _changed_positions(dec, 20, 8, 6) == expected
+    # token 9 = row 1, col 4 (right border): the neighbourhood does not wrap to the next row
+    assert _changed_positions(dec, 20, 8, 9) == {r * 5 + c for r in (0, 1, 2) for c in (3, 4)}
+
+
+def test_conv_decoder_even_kernel_keeps_length() -> None:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=8, kernel_size=2, groups=1, layers=1, residual=False)
+    dec = ConvDecoder(cfg, 8, grid=(4, 5)).eval()
+    assert dec(rand(2, 20, 8)).shape == (2, 20, 8)
+    # SamePad drops the last step: output (i, j) sees inputs (i-1..i, j-1..j)
+    assert _changed_positions(dec, 20, 8, 6) == {r * 5 + c for r in (1, 2) for c in (1, 2)}
+    dec1 = ConvDecoder(cfg, 8, grid=None).eval()
+    assert dec1(rand(2, 9, 8)).shape == (2, 9, 8)
+    assert _changed_positions(dec1, 9, 8, 4) == {4, 5}
+
+
+def test_conv_decoder_1d_receptive_field() -> None:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=8, kernel_size=3, groups=4, layers=2, residual=True)
+    dec = ConvDecoder(cfg, 8, grid=None).eval()
+    assert _changed_positions(dec, 12, 8, 6) == {4, 5, 6, 7, 8}
+
+
+def test_conv_decoder_residual_and_projection() -> None:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=8, kernel_size=3, groups=2, layers=2, residual=True)
+    dec = ConvDecoder(cfg, 12, grid=(2, 3)).eval()  # model width 12 != decoder width 8
+    x = rand(2, 6, 12, seed=1)
+    h = x.transpose(1, 2).reshape(2, 12, 2, 3)
+    h = dec.blocks[0](h)  # channel count changes: no residual on the first block
+    h = dec.blocks[1](h) + h
+    expected = dec.proj(h.reshape(2, 8, 6).transpose(1, 2))
+    torch.testing.assert_close(dec(x), expected)
+    assert dec.blocks[0].conv.weight.shape == (8, 12 // 2, 3, 3)
+    # the conv block: conv -> LayerNorm over channels (no affine) -> GELU
+    blk = dec.blocks[1]
+    z = rand(2, 8, 2, 3, seed=2)
+    c = blk.conv(z).movedim(1, -1)
+    ref = F.gelu(F.layer_norm(c, (8,))).movedim(-1, 1)
+    torch.testing.assert_close(blk(z), ref)
+    two = ConvDecoder(DecoderConfig(dim=8, groups=2, layers=1, projection_layers=2, projection_ratio=2.0), 12)
+    assert isinstance(two.proj, torch.nn.Sequential) and two.proj[0].out_features == 16

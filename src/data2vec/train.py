@@ -103,11 +103,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Pretrain per `cfg`, writing checkpoints, metrics.jsonl and loss.png into `run_dir`.
 
     With `resume=True`, continue from the newest valid checkpoint in `run_dir` using the
     config saved there (`cfg` is ignored except when no checkpoint exists yet).
+    `stop_after` ends this invocation after that step (with a checkpoint), e.g. to split a
+    run into time-limited jobs; schedules still follow `train.steps`.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -226,10 +229,14 @@ def train(
                     f"Stopped without saving; the last good checkpoint is step {last_saved} in {run_dir}. "
                     "Try a lower optim.lr or a slower teacher (teacher.decay closer to 1)."
                 )
-            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+            stopping = stop_after is not None and step + 1 >= stop_after
+            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps or stopping:
                 save(step + 1)
                 last_saved = step + 1
                 plot_loss_curve(metrics_path, run_dir / "loss.png")
+            if stopping:
+                log(f"stopping after step {step + 1} as asked (--stop-after); resume with --resume {run_dir}")
+                return TrainResult(run_dir, step + 1, model, history, skipped)
         step = tc.steps
     except TrainingStopped as e:
         log(str(e))

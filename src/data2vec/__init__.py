@@ -1,0 +1,26 @@
+"""data2vec: self-supervised learning for images, speech and text (data2vec 1.0 and 2.0).
+
+    >>> from data2vec import preset, train
+    >>> cfg = preset("image-tiny", version=2)
+"""
+
+from data2vec.config import ConfigError, RunConfig, apply_overrides
+from data2vec.model import Batch, Data2Vec, StepOutput
+from data2vec.presets import PRESETS, preset
+from data2vec.train import TrainingStopped, TrainResult, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "Batch",
+    "ConfigError",
+    "Data2Vec",
+    "RunConfig",
+    "StepOutput",
+    "TrainResult",
+    "TrainingStopped",
+    "apply_overrides",
+    "preset",
+    "train",
+]
