@@ -98,32 +98,50 @@ class ImageFolderSource(ImageSource):
 class TarShardSource(ImageSource):
     """Random access into uncompressed tar shards by member offset."""
 
-    def __init__(self, shards: list[str]) -> None:
+    def __init__(self, shards: list[str], on_bad_input: str = "fail") -> None:
         if not shards:
             raise ValueError("no tar shards given")
         self.shards = shards
+        self.problems: list[str] = []
+        """Shards that are cut short or unreadable (kept only under on_bad_input='skip')."""
         shard_ids, offsets, sizes, keys, labels = [], [], [], [], []
         for s_id, shard in enumerate(shards):
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            cls_values: dict[str, int] = {}
+            problem = None
             try:
+                file_size = os.path.getsize(shard)
                 with tarfile.open(shard, mode="r:") as tf:
-                    for info in tf:
-                        if not info.isfile():
-                            continue
-                        base = os.path.basename(info.name)
-                        if "." not in base:
-                            continue
-                        stem, ext = base.split(".", 1)
-                        key = os.path.join(os.path.dirname(info.name), stem)
-                        members.setdefault(key, {})[ext.lower()] = info
-                    cls_values = {}
+                    try:
+                        for info in tf:
+                            if not info.isfile():
+                                continue
+                            if info.offset_data + info.size > file_size:
+                                problem = f"cut short inside member {info.name} (truncated tar)"
+                                break
+                            base = os.path.basename(info.name)
+                            if "." not in base:
+                                continue
+                            stem, ext = base.split(".", 1)
+                            key = os.path.join(os.path.dirname(info.name), stem)
+                            members.setdefault(key, {})[ext.lower()] = info
+                        else:
+                            # A complete archive ends with two zero blocks after the last member.
+                            if problem is None and file_size - tf.offset < 1024:
+                                problem = "cut short after its last complete member (truncated tar)"
+                    except (tarfile.TarError, OSError) as e:
+                        problem = f"unreadable after {sum(len(m) for m in members.values())} members ({e})"
                     for key, exts in members.items():
                         if "cls" in exts:
                             f = tf.extractfile(exts["cls"])
-                            raw = f.read().decode().strip() if f is not None else ""
+                            raw = f.read().decode(errors="replace").strip() if f is not None else ""
                             cls_values[key] = int(raw) if raw.lstrip("-").isdigit() else -1
             except (tarfile.TarError, OSError) as e:
-                raise BadInputError(shard, f"not a readable tar file ({e})") from None
+                problem = f"not a readable tar file ({e})"
+            if problem is not None:
+                if on_bad_input == "fail":
+                    raise BadInputError(shard, problem)
+                self.problems.append(f"{shard}: {problem}")
             for key, exts in members.items():
                 img = next((exts[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in exts), None)
                 if img is None:
@@ -207,7 +225,7 @@ def digits_split(split: str) -> np.ndarray:
     return {"all": np.arange(1797), "train": np.sort(order[:1000]), "test": np.sort(order[1000:])}[split]
 
 
-def open_image_source(path: str, image_size: int = 32) -> ImageSource:
+def open_image_source(path: str, image_size: int = 32, on_bad_input: str = "fail") -> ImageSource:
     """A source for a folder, a tar file, a folder of tar files, a glob of tar files, or builtin:digits."""
     if path.startswith("builtin:digits"):
         split = path.removeprefix("builtin:digits").lstrip(":") or "all"
@@ -220,18 +238,18 @@ def open_image_source(path: str, image_size: int = 32) -> ImageSource:
         shards = sorted(glob.glob(path))
         if not shards:
             raise FileNotFoundError(f"{path}: no files match")
-        return TarShardSource(shards)
+        return TarShardSource(shards, on_bad_input)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() != ".tar":
             raise ValueError(f"{path}: expected a folder of images or a .tar shard")
-        return TarShardSource([str(p)])
+        return TarShardSource([str(p)], on_bad_input)
     tars = sorted(str(t) for t in p.glob("*.tar"))
     has_images = any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.rglob("*"))
     if tars and not has_images:
-        return TarShardSource(tars)
+        return TarShardSource(tars, on_bad_input)
     return ImageFolderSource(p)
 
 

@@ -83,7 +83,7 @@ class Collate:
 def image_source_for(cfg: RunConfig) -> ImageSource:
     if not cfg.data.path:
         raise FileNotFoundError("data.path: no data given (pass --data PATH)")
-    return open_image_source(cfg.data.path, image_size=cfg.model.image.image_size[0])
+    return open_image_source(cfg.data.path, image_size=cfg.model.image.image_size[0], on_bad_input=cfg.data.on_bad_input)
 
 
 def build_pretrain_loader(
