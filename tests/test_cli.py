@@ -29,8 +29,9 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--preset", "image-huge"], "unknown preset 'image-huge'"),
     ],
 )
-def test_bad_config_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str],
-                                expected: str) -> None:
+def test_bad_config_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], expected: str
+) -> None:
     args = ["pretrain", "--modality", "image", "--data", "builtin:digits", "--out", str(tmp_path / "r")]
     if "--preset" not in extra:
         args += ["--preset", "image-tiny"]
@@ -42,12 +43,14 @@ def test_bad_config_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 
 
 def test_missing_and_empty_data_name_the_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, err = _run(capsys, "pretrain", "--data", str(tmp_path / "missing"), "--preset", "image-tiny",
-                     "--out", str(tmp_path / "r"))
+    code, err = _run(
+        capsys, "pretrain", "--data", str(tmp_path / "missing"), "--preset", "image-tiny", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    code, err = _run(capsys, "pretrain", "--data", str(tmp_path / "empty"), "--preset", "image-tiny",
-                     "--out", str(tmp_path / "r"))
+    code, err = _run(
+        capsys, "pretrain", "--data", str(tmp_path / "empty"), "--preset", "image-tiny", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "no images found" in err and str(tmp_path / "empty") in err
 
 
@@ -67,10 +70,28 @@ def test_pretrain_and_config_reproduce(capsys: pytest.CaptureFixture[str], tmp_p
     from tests.test_train import TINY
 
     sets = [a for s in [*TINY, "train.steps=2", "train.ckpt_every=2"] for a in ("--set", s)]
-    assert main(["pretrain", "--preset", "digits-tiny", "--version", "1", "--no-progress", *sets,
-                 "--out", str(tmp_path / "a")]) == 0
-    assert main(["pretrain", "--config", str(tmp_path / "a" / "config.json"), "--no-progress",
-                 "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "digits-tiny",
+                "--version",
+                "1",
+                "--no-progress",
+                *sets,
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["pretrain", "--config", str(tmp_path / "a" / "config.json"), "--no-progress", "--out", str(tmp_path / "b")]
+        )
+        == 0
+    )
     a = (tmp_path / "a" / "checkpoints" / "step_00000002" / "student.safetensors").read_bytes()
     b = (tmp_path / "b" / "checkpoints" / "step_00000002" / "student.safetensors").read_bytes()
     assert a == b

@@ -233,27 +233,15 @@ def test_apply_overrides_values() -> None:
     assert apply_overrides(base, ["train.steps=3", "train.steps=4"]).train.steps == 4
 
 
-# ------------------------------------------------------------------ known problems (strict xfail)
+# ------------------------------------------------------------------ regressions (bugs found and fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _coerce checks Literal values with `value in allowed`, so the float 2.0 (or 1.0) "
-    "passes for model.version (Literal[1, 2]) and is stored as a float (config.json then says "
-    '"version": 2.0), while train.steps=2.0 is rejected for an int field.',
-)
-@pytest.mark.parametrize("value", ["1.0", "2.0"])
+@pytest.mark.parametrize("value", ["1.0", "2.0", "true"])
 def test_float_version_rejected(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^model\.version"):
         apply_overrides(RunConfig(), [f"model.version={value}"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (validation gap): model.version=2 with masking.kind='beit_block' is accepted, but BEiT "
-    "masks do not have equal counts per row, so the 2.0 forward raises in mask_to_indices for "
-    "some batches (e.g. tiny config, min_block_patches=4, mask_prob=0.6: 7 of 30 seeds fail).",
-)
 def test_v2_with_beit_block_masking_rejected(tiny_config) -> None:
     with pytest.raises(ConfigError):
         tiny_config(2, masking__kind="beit_block")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.test_train import tiny_run_config
 
 from data2vec.data.images import (
     BadInputError,
@@ -20,7 +21,6 @@ from data2vec.data.images import (
 )
 from data2vec.data.pipeline import build_pretrain_loader
 from data2vec.data.sampling import ResumableBatchSampler
-from tests.test_train import tiny_run_config
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> bytes:
@@ -101,8 +101,14 @@ def test_truncated_tar_is_reported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_transform_shape_determinism_and_range(channels: int) -> None:
-    t = PretrainTransform(size=(32, 48), channels=channels, crop_scale=(0.08, 1.0), color_jitter=0.4,
-                          mean=(0.5,) * channels, std=(0.5,) * channels)
+    t = PretrainTransform(
+        size=(32, 48),
+        channels=channels,
+        crop_scale=(0.08, 1.0),
+        color_jitter=0.4,
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+    )
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     a = t(img, np.random.default_rng(7))
     b = t(img, np.random.default_rng(7))
@@ -118,7 +124,7 @@ def test_crop_box_respects_scale_and_ratio() -> None:
     for _ in range(200):
         left, top, right, bottom = t.crop_box(100, 80, rng)
         w, h = right - left, bottom - top
-        assert 0 <= left and right <= 100 and 0 <= top and bottom <= 80
+        assert left >= 0 and right <= 100 and top >= 0 and bottom <= 80
         assert 0.2 * 8000 * 0.9 <= w * h <= 0.5 * 8000 * 1.1
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
 

@@ -24,9 +24,7 @@ def gen(seed: int) -> torch.Generator:
 # ------------------------------------------------------------------ BEiT block masking
 
 
-@pytest.mark.parametrize(
-    "grid, num_masked, min_patches", [((14, 14), 75, 16), ((4, 4), 8, 2), ((6, 5), 13, 4)]
-)
+@pytest.mark.parametrize("grid, num_masked, min_patches", [((14, 14), 75, 16), ((4, 4), 8, 2), ((6, 5), 13, 4)])
 def test_beit_block_mask_never_exceeds_budget(grid, num_masked, min_patches) -> None:
     for seed in range(15):
         m = beit_block_mask(5, grid, num_masked, generator=gen(seed), min_patches=min_patches)

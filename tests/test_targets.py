@@ -43,9 +43,7 @@ def hand_layer_norm(x: np.ndarray) -> np.ndarray:
 
 
 def hand_norm(x: np.ndarray, kind: str) -> np.ndarray:
-    return {"instance": hand_instance_norm, "layer": hand_layer_norm, "none": lambda a: a.astype(np.float64)}[
-        kind
-    ](x)
+    return {"instance": hand_instance_norm, "layer": hand_layer_norm, "none": lambda a: a.astype(np.float64)}[kind](x)
 
 
 def hand_targets(layers: list[np.ndarray], k: int, layer_norm: str, final_norm: str) -> np.ndarray:
@@ -127,9 +125,7 @@ def test_instance_norm_with_padding_equals_unpadded_slice() -> None:
     for b, n in enumerate(lengths):
         alone = instance_norm(x[b : b + 1, :n])
         torch.testing.assert_close(out[b, :n], alone[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(
-            out[b, :n].numpy(), hand_instance_norm(x[b : b + 1, :n].numpy())[0], atol=1e-5
-        )
+        np.testing.assert_allclose(out[b, :n].numpy(), hand_instance_norm(x[b : b + 1, :n].numpy())[0], atol=1e-5)
         assert torch.equal(out[b, n:], torch.zeros(8 - n, 4))
     # no leak: padded values do not influence the real positions
     x2 = x.clone()

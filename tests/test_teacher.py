@@ -48,9 +48,7 @@ def test_ema_update_rule_every_param(tiny_config, build_model, version: int, dec
         assert set(s_params) == set(t_params)
         for pname, tp in t_params.items():
             # exact value in float64; the fp32 teacher must be within rounding of it
-            expected = (
-                decay * old[f"{name}.{pname}"].double() + (1 - decay) * s_params[pname].detach().double()
-            )
+            expected = decay * old[f"{name}.{pname}"].double() + (1 - decay) * s_params[pname].detach().double()
             assert tp.dtype == torch.float32
             torch.testing.assert_close(tp.double(), expected, rtol=0, atol=1e-7, msg=f"{name}.{pname}")
             n_checked += 1

@@ -88,8 +88,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "data2vec", "pretrain", "--preset", "digits-tiny", "--no-progress", *sets]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*base, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*base, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(killed / "checkpoints" / "step_00000004", timeout=120)
     finally:
@@ -97,8 +98,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         proc.wait()
     last = list_checkpoints(killed)[-1].name
     assert last < "step_00000008", "the run finished before it could be killed"
-    subprocess.run([sys.executable, "-m", "data2vec", "pretrain", "--resume", str(killed), "--no-progress"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "data2vec", "pretrain", "--resume", str(killed), "--no-progress"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     clean = tmp_path / "clean"
     subprocess.run([*base, "--out", str(clean)], env=env, check=True, capture_output=True)
     for name in ("student.safetensors", "teacher.safetensors"):

@@ -1,7 +1,7 @@
 """data2vec: self-supervised learning for images, speech and text (data2vec 1.0 and 2.0).
 
-    >>> from data2vec import preset, train
-    >>> cfg = preset("image-tiny", version=2)
+>>> from data2vec import preset, train
+>>> cfg = preset("image-tiny", version=2)
 """
 
 from data2vec.config import ConfigError, RunConfig, apply_overrides

@@ -115,9 +115,7 @@ def save_checkpoint(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {final}: {e}. The previous checkpoint is intact."
-            ) from e
+            raise CheckpointError(f"could not write checkpoint {final}: {e}. The previous checkpoint is intact.") from e
         raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -32,12 +32,22 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     pre.add_argument("--version", type=int, choices=[1, 2], default=2, help="data2vec 1.0 or 2.0 (default 2)")
     pre.add_argument("--config", help="a config.json to start from instead of a preset (e.g. RUN_DIR/config.json)")
-    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set optim.lr=5e-4 (repeatable)")
+    pre.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=5e-4 (repeatable)",
+    )
     pre.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, loss.png)")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
-    pre.add_argument("--stop-after", type=int, metavar="STEP",
-                     help="checkpoint and exit after this step (resume later with --resume)")
+    pre.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="checkpoint and exit after this step (resume later with --resume)",
+    )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="pretrain a tiny model on scikit-learn's digits and probe it")
@@ -65,9 +75,9 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
     cfg = apply_overrides(cfg, args.overrides)
     if not cfg.data.path:
         raise ConfigError("data.path: no data given (pass --data PATH)")
-    if not cfg.data.path.startswith("builtin:") and not any(ch in cfg.data.path for ch in "*?["):
-        if not Path(cfg.data.path).exists():
-            raise FileNotFoundError(f"{cfg.data.path}: no such file or folder")
+    is_pattern = cfg.data.path.startswith("builtin:") or any(ch in cfg.data.path for ch in "*?[")
+    if not is_pattern and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"{cfg.data.path}: no such file or folder")
     return cfg
 
 
@@ -77,8 +87,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset or args.config or args.overrides or args.data:
             raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
-        result = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress,
-                       stop_after=args.stop_after)
+        result = train(
+            RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress, stop_after=args.stop_after
+        )
     else:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
@@ -96,8 +107,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from data2vec.demo import run_demo
 
-    r = run_demo(args.out, version=args.version, steps=args.steps, overrides=args.overrides,
-                 progress=not args.no_progress)
+    r = run_demo(
+        args.out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress
+    )
     print()
     print(f"linear probe on digits (train 1000 / test 797), after {r.steps} pretraining steps:")
     print(f"  data2vec {args.version}.0 pretrained encoder : {r.pretrained:.3f}")

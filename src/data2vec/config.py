@@ -79,6 +79,11 @@ class EncoderConfig:
         for name in ("dropout", "attn_dropout", "activation_dropout", "drop_path", "layerdrop"):
             _check(0.0 <= getattr(self, name) < 1.0, f"{key}.{name}", "must be in [0, 1)")
         _check(self.layer_scale_init >= 0, f"{key}.layer_scale_init", "must be >= 0")
+        _check(
+            self.layer_scale_init == 0 or self.norm_order == "pre",
+            f"{key}.layer_scale_init",
+            "LayerScale is only used by pre-LN blocks (norm_order='pre')",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -335,6 +340,12 @@ class RunConfig:
         )
         if self.model.version == 1:
             _check(self.masking.num_masks == 1, "masking.num_masks", "multi-mask needs model.version=2")
+        else:
+            _check(
+                self.masking.kind != "beit_block",
+                "masking.kind",
+                "beit_block masks have unequal counts per row; data2vec 2.0 needs inverse_block or random",
+            )
         if self.model.modality == "image":
             _check(
                 len(self.data.mean) == self.model.image.channels,
@@ -343,7 +354,8 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        out: dict[str, Any] = to_dict(self)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -379,13 +391,13 @@ def to_dict(obj: Any) -> Any:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting JSON lists to tuples."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _from_dict(tp, value, key)
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+        if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
         return value
     if origin in (Union, types.UnionType):
@@ -435,9 +447,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
             raise ConfigError(f"{where}: unknown key (valid keys: {', '.join(sorted(names))})")
-    kwargs = {
-        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()
-    }
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
 

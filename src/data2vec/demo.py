@@ -72,7 +72,7 @@ def masked_picture(model: Data2Vec, images: torch.Tensor, out: Path, seed: int =
             row.append(im)
         rows.append(np.concatenate(row, axis=1))
     grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(out)
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(out)
 
 
 def run_demo(

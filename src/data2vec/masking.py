@@ -156,9 +156,7 @@ def mask_to_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     counts = mask.sum(dim=1)
     if counts.numel() and bool((counts != counts[0]).any()):
-        raise ValueError(
-            f"every row must mask the same number of tokens to be packed; got counts {counts.tolist()}"
-        )
+        raise ValueError(f"every row must mask the same number of tokens to be packed; got counts {counts.tolist()}")
     keep = mask.shape[1] - (int(counts[0]) if counts.numel() else 0)
     # A stable sort puts visible tokens first and keeps them in order.
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
@@ -202,13 +200,21 @@ def draw_masks(
     length = grid[0] * grid[1]
     if kind == "beit_block":
         return beit_block_mask(
-            rows, grid, max(1, int(round(length * mask_prob))), generator=generator,
+            rows,
+            grid,
+            max(1, int(round(length * mask_prob))),
+            generator=generator,
             min_patches=min(min_block_patches, length),
         )
     if kind == "inverse_block":
         return block_mask_2d(
-            rows, grid, mask_prob, generator=generator, block_size=block_size,
-            mask_prob_adjust=mask_prob_adjust, inverse=True,
+            rows,
+            grid,
+            mask_prob,
+            generator=generator,
+            block_size=block_size,
+            mask_prob_adjust=mask_prob_adjust,
+            inverse=True,
         )
     if kind == "random":
         return random_mask(rows, length, mask_prob, generator=generator)

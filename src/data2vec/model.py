@@ -23,7 +23,7 @@ from data2vec.config import LossConfig, MaskingConfig, ModelConfig, RunConfig, T
 from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
 from data2vec.modalities import Tokens, build_frontend
 from data2vec.nn.decoder import ConvDecoder
-from data2vec.nn.transformer import Encoder, EncoderOutput
+from data2vec.nn.transformer import Block, Encoder, EncoderOutput
 from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss
 from data2vec.teacher import EMATeacher
 
@@ -101,6 +101,7 @@ class Data2Vec(nn.Module):
         if self.cfg.encoder.norm_order == "pre":
             # BEiT: scale the residual-branch outputs down with depth.
             for i, blk in enumerate(self.encoder.blocks):
+                assert isinstance(blk, Block)
                 layer_id = self.cfg.encoder.prenet_depth + i + 1
                 blk.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
                 blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
@@ -134,9 +135,15 @@ class Data2Vec(nn.Module):
         """(B*M, T) masks from the masking config (what the data loader does in training)."""
         m = self.masking
         return draw_masks(
-            m.kind, batch, self.frontend.grid, m.mask_prob, generator=generator,
-            num_masks=m.num_masks if self.cfg.version == 2 else 1, block_size=m.block_size,
-            mask_prob_adjust=m.mask_prob_adjust, min_block_patches=m.min_block_patches,
+            m.kind,
+            batch,
+            self.frontend.grid,
+            m.mask_prob,
+            generator=generator,
+            num_masks=m.num_masks if self.cfg.version == 2 else 1,
+            block_size=m.block_size,
+            mask_prob_adjust=m.mask_prob_adjust,
+            min_block_patches=m.min_block_patches,
         )
 
     # ------------------------------------------------------------------ forward passes
@@ -145,17 +152,20 @@ class Data2Vec(nn.Module):
     def teacher_targets(self, inputs: Tensor, student_tokens: Tokens) -> Tensor:
         """Targets from the teacher on the unmasked input: (B, T, D) float32, prefix removed."""
         t = self.teacher
-        if "local" in t:
-            tokens = t["local"](inputs)
+        local, context = t.part("local"), t.part("context") or self.frontend.context
+        if local is not None:
+            tokens: Tokens = local(inputs)
         else:  # shared feature extractor: reuse the student's features, no gradient
             tokens = Tokens(student_tokens.x.detach(), student_tokens.padding_mask)
-        context = t["context"] if "context" in t else self.frontend.context
         enc_in = context(tokens, clean=True)
         out = t["encoder"](enc_in.x, enc_in.padding_mask, enc_in.positions, keep_layers=self.target_cfg.top_k)
         P = self.frontend.num_prefix
         feats = [(o.ffn_out if self.target_cfg.layer_source == "ffn" else o.x)[:, P:] for o in out.layers]
         return build_targets(
-            feats, self.target_cfg.top_k, self.target_cfg.layer_norm, self.target_cfg.final_norm,
+            feats,
+            self.target_cfg.top_k,
+            self.target_cfg.layer_norm,
+            self.target_cfg.final_norm,
             tokens.padding_mask,
         )
 
@@ -166,7 +176,9 @@ class Data2Vec(nn.Module):
         M = self.masking.num_masks if self.cfg.version == 2 else 1
         mask = batch.mask
         if mask is None:
-            mask = self.draw_masks(B, generator or torch.Generator().manual_seed(0)).to(tokens.x.device)
+            if generator is None:  # follow the global seed, but never the same masks twice
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+            mask = self.draw_masks(B, generator).to(tokens.x.device)
         if mask.shape != (B * M, T):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B * M, T)}")
         y = self.teacher_targets(batch.inputs, tokens)  # (B, T, D) fp32
@@ -223,7 +235,9 @@ class Data2Vec(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def encode(self, inputs: Tensor, padding_mask: Tensor | None = None, keep_layers: int | None = None) -> EncoderOutput:
+    def encode(
+        self, inputs: Tensor, padding_mask: Tensor | None = None, keep_layers: int | None = None
+    ) -> EncoderOutput:
         """Unmasked student forward: final output (B, P+T, D) and the last `keep_layers` blocks
         (all main blocks by default)."""
         tokens = self.frontend.local(inputs, padding_mask)
@@ -235,6 +249,4 @@ class Data2Vec(nn.Module):
 
 def no_weight_decay(name: str, param: Tensor) -> bool:
     """1-D parameters (norms, biases, LayerScale), tokens and position tables get no weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(
-        k in name for k in (".prefix", "mask_emb", "position_bias")
-    )
+    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in (".prefix", "mask_emb", "position_bias"))

@@ -84,10 +84,7 @@ def regression_loss(pred: Tensor, target: Tensor, beta: float, scale: float) -> 
     Average the result over masked tokens to get data2vec's objective.
     """
     pred, target = pred.float(), target.float()
-    if beta == 0:
-        elem = (pred - target) ** 2
-    else:
-        elem = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+    elem = (pred - target) ** 2 if beta == 0 else F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
     return elem.sum(dim=-1) * scale
 
 

@@ -32,6 +32,10 @@ class EMATeacher(nn.Module):
     def __getitem__(self, name: str) -> nn.Module:
         return self.parts[name]
 
+    def part(self, name: str) -> nn.Module | None:
+        """The teacher's copy of a student part, or None if that part is shared."""
+        return self.parts[name] if name in self.parts else None  # noqa: SIM401 (ModuleDict has no .get)
+
     @torch.no_grad()
     def update(self, student: dict[str, nn.Module], decay: float) -> None:
         """teacher <- decay * teacher + (1 - decay) * student, for every floating parameter.
@@ -44,7 +48,8 @@ class EMATeacher(nn.Module):
             raise ValueError(f"student parts {sorted(student)} != teacher parts {sorted(self.parts)}")
         if decay >= 1.0:
             return
-        t_params, s_params = [], []
+        t_params: list[torch.Tensor] = []
+        s_params: list[torch.Tensor] = []
         for name, part in self.parts.items():
             s_named = dict(student[name].named_parameters())
             for pname, tp in part.named_parameters():

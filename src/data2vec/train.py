@@ -60,7 +60,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on 1-D parameters, biases, tokens and position tables."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -167,7 +168,12 @@ def train(
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         path = save_checkpoint(
-            run_dir, step, model.student_state_dict(), model.teacher_state_dict(), cfg.to_dict(), state,
+            run_dir,
+            step,
+            model.student_state_dict(),
+            model.teacher_state_dict(),
+            cfg.to_dict(),
+            state,
             keep_last=tc.keep_last,
         )
         log(f"saved checkpoint {path}")
@@ -213,7 +219,9 @@ def train(
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(
-                    loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_sec']:.0f}",
+                    loss=f"{sums['loss']:.4f}",
+                    lr=f"{lr:.2e}",
+                    sps=f"{record['samples_per_sec']:.0f}",
                     tgt_std=f"{sums['target_std']:.3f}",
                 )
             history.append(record)

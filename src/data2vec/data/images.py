@@ -71,9 +71,7 @@ class ImageFolderSource(ImageSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such folder")
-        files = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.files = [str(p) for p in files]
@@ -212,7 +210,7 @@ def digits_array(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
-    up = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in imgs])
+    up = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in imgs])
     return up, d.target.astype(np.int64)
 
 
@@ -293,9 +291,9 @@ class PretrainTransform:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Tensor:
         img = img.convert("RGB" if self.channels == 3 else "L")
         box = self.crop_box(img.width, img.height, rng)
-        img = img.resize((self.size[1], self.size[0]), Image.BICUBIC, box=box)
+        img = img.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
         if self.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.color_jitter > 0:
             s = self.color_jitter
             ops = [ImageEnhance.Brightness, ImageEnhance.Contrast]
@@ -316,8 +314,9 @@ def to_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...])
     return (x - m) / s
 
 
-def eval_transform(img: Image.Image, size: tuple[int, int], channels: int, mean: tuple[float, ...],
-                   std: tuple[float, ...]) -> Tensor:
+def eval_transform(
+    img: Image.Image, size: tuple[int, int], channels: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Tensor:
     """Deterministic resize (bicubic) to `size` for feature extraction and probes."""
-    img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BICUBIC)
+    img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return to_tensor(img, mean, std)

@@ -38,7 +38,7 @@ class ImagePretrainDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> Item:  # type: ignore[override]
+    def __getitem__(self, item: tuple[int, int]) -> Item:
         index, seed = item
         try:
             img = self.source.load(index)
@@ -60,8 +60,14 @@ class MaskMaker:
     def __call__(self, batch: int, generator: torch.Generator) -> Tensor:
         m = self.m
         return draw_masks(
-            m.kind, batch, self.grid, m.mask_prob, generator=generator, num_masks=self.num_masks,
-            block_size=m.block_size, mask_prob_adjust=m.mask_prob_adjust,
+            m.kind,
+            batch,
+            self.grid,
+            m.mask_prob,
+            generator=generator,
+            num_masks=self.num_masks,
+            block_size=m.block_size,
+            mask_prob_adjust=m.mask_prob_adjust,
             min_block_patches=m.min_block_patches,
         )
 
@@ -83,7 +89,9 @@ class Collate:
 def image_source_for(cfg: RunConfig) -> ImageSource:
     if not cfg.data.path:
         raise FileNotFoundError("data.path: no data given (pass --data PATH)")
-    return open_image_source(cfg.data.path, image_size=cfg.model.image.image_size[0], on_bad_input=cfg.data.on_bad_input)
+    return open_image_source(
+        cfg.data.path, image_size=cfg.model.image.image_size[0], on_bad_input=cfg.data.on_bad_input
+    )
 
 
 def build_pretrain_loader(
@@ -93,8 +101,13 @@ def build_pretrain_loader(
     source = image_source_for(cfg)
     icfg, dcfg = cfg.model.image, cfg.data
     transform = PretrainTransform(
-        size=icfg.image_size, channels=icfg.channels, crop_scale=dcfg.crop_scale, hflip=dcfg.hflip,
-        color_jitter=dcfg.color_jitter, mean=dcfg.mean, std=dcfg.std,
+        size=icfg.image_size,
+        channels=icfg.channels,
+        crop_scale=dcfg.crop_scale,
+        hflip=dcfg.hflip,
+        color_jitter=dcfg.color_jitter,
+        mean=dcfg.mean,
+        std=dcfg.std,
     )
     dataset = ImagePretrainDataset(source, transform, dcfg.on_bad_input)
     sampler = ResumableBatchSampler(
@@ -105,7 +118,7 @@ def build_pretrain_loader(
         loader_kwargs = {"persistent_workers": True, "prefetch_factor": 4}
     loader = DataLoader(
         dataset,
-        batch_sampler=sampler,  # type: ignore[arg-type]
+        batch_sampler=sampler,
         collate_fn=Collate(MaskMaker(cfg, icfg.grid)),
         num_workers=dcfg.num_workers,
         # Its own generator, so creating the loader never draws from the global RNG

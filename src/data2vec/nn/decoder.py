@@ -54,8 +54,8 @@ class ConvDecoder(nn.Module):
         if self.grid is not None:
             h = h.reshape(B, D, *self.grid)
         for blk in self.blocks:
-            out = blk(h)
-            h = out + h if self.residual and out.shape == h.shape else out
+            y = blk(h)
+            h = y + h if self.residual and y.shape == h.shape else y
         h = h.reshape(B, h.shape[1], T).transpose(1, 2)
         out: Tensor = self.proj(h)
         return out

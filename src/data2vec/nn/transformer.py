@@ -54,7 +54,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """x: (B, T, D); bias: additive, broadcastable to (B, H, T, T), -inf where a key is hidden."""
         B, T, D = x.shape
-        qkv_bias = self.qkv.bias
+        qkv_bias: Tensor | None = self.qkv.bias
         if self.q_bias is not None and self.v_bias is not None:
             qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
@@ -65,7 +65,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0
         )  # (B, H, T, D/H)
         out = out.transpose(1, 2).reshape(B, T, D)
-        return self.proj_drop(self.proj(out))
+        result: Tensor = self.proj_drop(self.proj(out))
+        return result
 
 
 class Mlp(nn.Module):
@@ -76,7 +77,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act_drop(F.gelu(self.fc1(x))))
+        out: Tensor = self.fc2(self.act_drop(F.gelu(self.fc1(x))))
+        return out
 
 
 class BlockOutput(NamedTuple):
@@ -140,7 +142,7 @@ class Encoder(nn.Module):
     attention bias (B|1, H, T, T); the encoder owns one (shared) or gives one to each block.
     """
 
-    def __init__(self, cfg: EncoderConfig, make_position_bias: Callable[[], nn.Module] | None = None) -> None:
+    def __init__(self, cfg: EncoderConfig, make_position_bias: Callable[[], nn.Module | None] | None = None) -> None:
         super().__init__()
         if cfg.position_bias != "none" and make_position_bias is None:
             raise ValueError(f"position_bias={cfg.position_bias!r} needs a front-end that provides one")
