@@ -45,8 +45,13 @@ def measure(version: int, precision: str, steps: int, warmup: int = 3) -> dict[s
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"batch": B, "masks": cfg.masking.num_masks if version == 2 else 1, "step_ms": med * 1e3,
-            "steps_per_s": 1 / med, "samples_per_s": B / med}
+    return {
+        "batch": B,
+        "masks": cfg.masking.num_masks if version == 2 else 1,
+        "step_ms": med * 1e3,
+        "steps_per_s": 1 / med,
+        "samples_per_s": B / med,
+    }
 
 
 def main() -> None:

@@ -18,8 +18,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data2vec.config import EncoderConfig
+
+CPU_BF16_MATH_MAX_TOKENS = 128
 
 
 class DropPath(nn.Module):
@@ -61,9 +64,14 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, H, T, D/H)
+        p = self.attn_dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_BF16_MATH_MAX_TOKENS:
+            # PyTorch's CPU flash kernel is 3-8x slower than the math kernel in bf16 for short
+            # sequences (benchmarks/attention_cpu.py); the math kernel still goes through SDPA.
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, D/H)
         out = out.transpose(1, 2).reshape(B, T, D)
         result: Tensor = self.proj_drop(self.proj(out))
         return result
