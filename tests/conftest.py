@@ -67,7 +67,7 @@ def _base_dict(version: int) -> dict[str, Any]:
         masking = {
             "kind": "inverse_block",
             "mask_prob": 0.75,
-            "block_size": 2,
+            "mask_length": 2,
             "mask_prob_adjust": 0.05,
             "num_masks": 2,
         }

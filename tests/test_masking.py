@@ -141,7 +141,7 @@ def test_random_mask_text_numbers() -> None:
         lambda g: block_mask_2d(4, (6, 6), 0.7, generator=g, block_size=2),
         lambda g: block_mask_2d(4, (6, 6), 0.5, generator=g, block_size=2, inverse=False),
         lambda g: random_mask(4, 36, 0.6, generator=g),
-        lambda g: draw_masks("inverse_block", 2, (6, 6), 0.75, generator=g, num_masks=3, block_size=2),
+        lambda g: draw_masks("inverse_block", 2, (6, 6), 0.75, generator=g, num_masks=3, mask_length=2),
     ],
 )
 def test_same_seed_same_mask_different_seed_different(fn) -> None:
@@ -164,7 +164,7 @@ def test_rows_are_not_all_identical() -> None:
 
 @pytest.mark.parametrize("kind", ["beit_block", "inverse_block", "random"])
 def test_draw_masks_shape(kind: str) -> None:
-    m = draw_masks(kind, 3, (4, 4), 0.5, generator=gen(0), num_masks=2, block_size=2, min_block_patches=2)
+    m = draw_masks(kind, 3, (4, 4), 0.5, generator=gen(0), num_masks=2, mask_length=2, min_block_patches=2)
     assert m.shape == (6, 16)
     assert m.dtype == torch.bool
     if kind == "beit_block":

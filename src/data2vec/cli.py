@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from data2vec.checkpoint import CheckpointError
-from data2vec.config import ConfigError, RunConfig, apply_overrides
+from data2vec.config import MODALITIES, ConfigError, RunConfig, apply_overrides
 from data2vec.data.images import BadInputError
 from data2vec.presets import PRESETS, preset
 from data2vec.train import TrainingStopped
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain on your own data, or resume a run")
-    pre.add_argument("--modality", choices=["image"], help="input modality (must match the preset)")
+    pre.add_argument("--modality", choices=list(MODALITIES), help="input modality (must match the preset)")
     pre.add_argument("--data", help="image folder, tar shard(s) (file, folder or glob), or builtin:digits")
     pre.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     pre.add_argument("--version", type=int, choices=[1, 2], default=2, help="data2vec 1.0 or 2.0 (default 2)")
@@ -94,9 +94,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
         cfg = resolve_pretrain_config(args)
-        from data2vec.data.pipeline import image_source_for
+        from data2vec.data.pipeline import pipeline_for
 
-        image_source_for(cfg)  # fail now, in one line, on missing or empty data
+        pipeline_for(cfg).check(cfg)  # fail now, in one line, on missing or empty data
         result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
     print(f"finished at step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     if result.skipped_inputs:

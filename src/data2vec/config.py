@@ -22,6 +22,10 @@ NormOrder = Literal["pre", "post"]
 NormKind = Literal["instance", "layer", "none"]
 
 
+MODALITIES: tuple[str, ...] = ("image",)
+"""Modalities with a front-end; each front-end module adds its name when it is built in."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the dotted key."""
 
@@ -115,6 +119,49 @@ class ImageConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioConfig:
+    """Speech front-end: wav2vec 2.0 CNN (16 kHz -> 50 Hz), projection, conv positions."""
+
+    conv_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+    """(channels, kernel, stride) per CNN layer."""
+    conv_bias: bool = False
+    pos_conv_depth: int = 5
+    pos_conv_kernel: int = 19
+    pos_conv_groups: int = 16
+    alibi: bool = False
+    """ALiBi attention bias with a learned per-head scale (data2vec 2.0 speech)."""
+
+    def validate(self, key: str) -> None:
+        _check(len(self.conv_layers) > 0, f"{key}.conv_layers", "needs at least one layer")
+        for i, (c, k, st) in enumerate(self.conv_layers):
+            _check(c > 0 and k > 0 and st > 0, f"{key}.conv_layers[{i}]", "channels, kernel, stride must be > 0")
+        _check(self.pos_conv_depth >= 0, f"{key}.pos_conv_depth", "must be >= 0")
+        _check(self.pos_conv_kernel > 0, f"{key}.pos_conv_kernel", "must be positive")
+        _check(self.pos_conv_groups > 0, f"{key}.pos_conv_groups", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """Text front-end: token + learned positions (RoBERTa offset), embedding LayerNorm."""
+
+    vocab_size: int = 50265
+    """Set from the tokenizer when a run starts."""
+    max_positions: int = 512
+    pad_id: int = 1
+    bos_id: int = 0
+    eos_id: int = 2
+    mask_id: int = 50264
+    embed_dropout: float = 0.1
+
+    def validate(self, key: str) -> None:
+        _check(self.vocab_size > 0, f"{key}.vocab_size", "must be positive")
+        _check(self.max_positions > 0, f"{key}.max_positions", "must be positive")
+        for name in ("pad_id", "bos_id", "eos_id", "mask_id"):
+            _check(0 <= getattr(self, name) < self.vocab_size, f"{key}.{name}", "must be a valid token id")
+        _check(0.0 <= self.embed_dropout < 1.0, f"{key}.embed_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     """data2vec 2.0 convolutional decoder (1-D for audio/text, 2-D for images)."""
 
@@ -145,16 +192,19 @@ class ModelConfig:
     """1 = masked tokens replaced by a learned vector + linear head; 2 = visible-only encoder + conv decoder."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     head_layers: int = 1
     """data2vec 1.0 regression head: 1 = Linear, 2 = Linear-GELU-Linear."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def validate(self, key: str) -> None:
-        _check(self.modality in ("image",), f"{key}.modality", f"modality {self.modality!r} is not built yet")
+        _check(self.modality in MODALITIES, f"{key}.modality", f"modality {self.modality!r} is not available")
         _check(self.version in (1, 2), f"{key}.version", "must be 1 or 2")
         _check(self.head_layers in (1, 2), f"{key}.head_layers", "must be 1 or 2")
         self.encoder.validate(f"{key}.encoder")
-        self.image.validate(f"{key}.image")
+        # Only the active modality's front-end section is checked.
+        getattr(self, self.modality).validate(f"{key}.{self.modality}")
         self.decoder.validate(f"{key}.decoder")
 
 
@@ -163,22 +213,36 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MaskingConfig:
-    kind: Literal["beit_block", "inverse_block", "random"] = "inverse_block"
-    """beit_block: BEiT blocks (1.0 images); inverse_block: visible blocks, rest masked (2.0 images)."""
+    kind: Literal["beit_block", "inverse_block", "span", "block_1d", "bert", "random"] = "inverse_block"
+    """beit_block: BEiT blocks (1.0 images); inverse_block: visible blocks, rest masked (2.0 images);
+    span: wav2vec-style spans, mask_prob = share of span starts (1.0 speech, text span variant);
+    block_1d: spans with an exact count (2.0 speech); bert: 80/10/10 token masking (1.0 text);
+    random: MAE random masking with an exact count (2.0 text)."""
     mask_prob: float = 0.8
     """Fraction of tokens masked (the student predicts these)."""
-    block_size: int = 3
-    """Side of a square block (inverse_block)."""
+    mask_length: int = 3
+    """Block side (inverse_block) or span length (span, block_1d)."""
     min_block_patches: int = 16
     """Smallest BEiT block area in patches (beit_block)."""
     mask_prob_adjust: float = 0.07
     """Extra block density before the exact-count fix-up (inverse_block)."""
     num_masks: int = 1
     """M: masks per sample sharing one teacher pass (2.0 only)."""
+    random_token_prob: float = 0.1
+    """bert: share of selected tokens replaced by a random token (no loss there)."""
+    leave_unmasked_prob: float = 0.1
+    """bert: share of selected tokens left unchanged (no loss there)."""
 
     def validate(self, key: str) -> None:
         _check(0.0 < self.mask_prob < 1.0, f"{key}.mask_prob", f"{self.mask_prob} is not in (0, 1)")
-        _check(self.block_size >= 1, f"{key}.block_size", "must be >= 1")
+        _check(self.mask_length >= 1, f"{key}.mask_length", "must be >= 1")
+        _check(
+            self.random_token_prob >= 0
+            and self.leave_unmasked_prob >= 0
+            and self.random_token_prob + self.leave_unmasked_prob < 1,
+            f"{key}.random_token_prob",
+            "random_token_prob + leave_unmasked_prob must be in [0, 1)",
+        )
         _check(self.min_block_patches >= 1, f"{key}.min_block_patches", "must be >= 1")
         _check(self.mask_prob_adjust >= 0, f"{key}.mask_prob_adjust", "must be >= 0")
         _check(self.num_masks >= 1, f"{key}.num_masks", "must be >= 1")
@@ -257,6 +321,42 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioDataConfig:
+    sample_rate: int = 16_000
+    """Every file is resampled to this rate."""
+    max_sample_size: int = 320_000
+    """Random crop to at most this many samples (20 s)."""
+    min_sample_size: int = 32_000
+    """Clips shorter than this are dropped and counted (2 s)."""
+    batch_seconds: float = 200.0
+    """Audio per batch, in seconds (batches are formed by duration, not by count)."""
+    normalize: bool = True
+    """Zero mean, unit variance per utterance."""
+
+    def validate(self, key: str) -> None:
+        _check(self.sample_rate > 0, f"{key}.sample_rate", "must be positive")
+        _check(0 < self.min_sample_size <= self.max_sample_size, f"{key}.min_sample_size", "must be in (0, max]")
+        _check(self.batch_seconds > 0, f"{key}.batch_seconds", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextDataConfig:
+    tokenizer: str = ""
+    """tokenizer.json, or a folder with vocab.json + merges.txt; empty = train byte-level BPE on the data."""
+    vocab_size: int = 8_000
+    """Vocabulary size when a tokenizer is trained."""
+    block_size: int = 512
+    """Tokens per training block (documents are packed, separated by the end token)."""
+    document: Literal["line", "file"] = "line"
+    """In plain-text files: one document per line or per file."""
+    jsonl_field: str = "text"
+
+    def validate(self, key: str) -> None:
+        _check(self.vocab_size >= 260, f"{key}.vocab_size", "must be >= 260 (256 bytes + special tokens)")
+        _check(self.block_size >= 4, f"{key}.block_size", "must be >= 4")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str = ""
     """Image folder, tar shard(s) (a file, a folder of .tar, or a glob), or 'builtin:digits'."""
@@ -271,8 +371,12 @@ class DataConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     on_bad_input: Literal["skip", "fail"] = "fail"
+    audio: AudioDataConfig = field(default_factory=AudioDataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
 
     def validate(self, key: str) -> None:
+        self.audio.validate(f"{key}.audio")
+        self.text.validate(f"{key}.text")
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
         lo, hi = self.crop_scale

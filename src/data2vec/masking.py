@@ -187,7 +187,7 @@ def draw_masks(
     *,
     generator: torch.Generator,
     num_masks: int = 1,
-    block_size: int = 3,
+    mask_length: int = 3,
     mask_prob_adjust: float = 0.0,
     min_block_patches: int = 16,
 ) -> Tensor:
@@ -212,7 +212,7 @@ def draw_masks(
             grid,
             mask_prob,
             generator=generator,
-            block_size=block_size,
+            block_size=mask_length,
             mask_prob_adjust=mask_prob_adjust,
             inverse=True,
         )

@@ -30,11 +30,14 @@ from data2vec.teacher import EMATeacher
 
 class Batch(NamedTuple):
     inputs: Tensor
-    """Images (B, C, H, W)."""
+    """Images (B, C, H, W), waveforms (B, L) or token ids (B, T); the teacher's (clean) input."""
     mask: Tensor | None = None
-    """(B*M, T) bool, True = masked; None lets the model draw masks."""
+    """(B*M, T) bool over tokens, True = masked; None lets the model draw masks."""
     padding_mask: Tensor | None = None
     """Input-level padding, (B, L) bool, True = pad."""
+    student_inputs: Tensor | None = None
+    """Corrupted input for the student when masking happens at the input (1.0 text: BERT
+    80/10/10); None = the student reads `inputs` and masks at the token level."""
 
 
 class StepOutput(NamedTuple):
@@ -131,17 +134,18 @@ class Data2Vec(nn.Module):
         h, w = self.frontend.grid
         return h * w
 
-    def draw_masks(self, batch: int, generator: torch.Generator) -> Tensor:
-        """(B*M, T) masks from the masking config (what the data loader does in training)."""
+    def draw_masks(self, batch: int, generator: torch.Generator, grid: tuple[int, int] | None = None) -> Tensor:
+        """(B*M, T) masks from the masking config (what the data loader does in training).
+        `grid` is the token layout: the front-end's patch grid by default, (1, T) for sequences."""
         m = self.masking
         return draw_masks(
             m.kind,
             batch,
-            self.frontend.grid,
+            grid or self.frontend.grid,
             m.mask_prob,
             generator=generator,
             num_masks=m.num_masks if self.cfg.version == 2 else 1,
-            block_size=m.block_size,
+            mask_length=m.mask_length,
             mask_prob_adjust=m.mask_prob_adjust,
             min_block_patches=m.min_block_patches,
         )
@@ -178,13 +182,30 @@ class Data2Vec(nn.Module):
         if mask is None:
             if generator is None:  # follow the global seed, but never the same masks twice
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-            mask = self.draw_masks(B, generator).to(tokens.x.device)
+            grid = self.frontend.grid if self.frontend.decoder_2d else (1, T)
+            mask = self.draw_masks(B, generator, grid).to(tokens.x.device)
         if mask.shape != (B * M, T):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B * M, T)}")
-        y = self.teacher_targets(batch.inputs, tokens)  # (B, T, D) fp32
+        pad = tokens.padding_mask
+        if pad is not None:
+            pad_rows = pad.repeat_interleave(M, 0) if M > 1 else pad
+            if self.cfg.version == 1:
+                mask = mask & ~pad_rows  # padding is never predicted
+            elif bool((mask & pad_rows).any()):
+                raise ValueError("masks cover padded tokens; draw them from each row's valid length")
+        y = self.teacher_targets(batch.inputs, tokens)  # (B, T, D) fp32, from the clean input
         P = self.frontend.num_prefix
 
-        if self.cfg.version == 1:
+        student_inputs = batch.student_inputs
+        if student_inputs is None and self.cfg.version == 1:
+            student_inputs = self.frontend.corrupt(batch.inputs, mask, generator)
+        if self.cfg.version == 1 and student_inputs is not None:
+            # Input-level masking (text): the student embeds the corrupted input.
+            student_tokens = self.frontend.local(student_inputs, batch.padding_mask)
+            enc_in = self.frontend.context(student_tokens)
+            out = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions)
+            pred = self.head(out.x[:, P:][mask])
+        elif self.cfg.version == 1:
             enc_in = self.frontend.context(tokens, mask=mask)
             out = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions)
             pred = self.head(out.x[:, P:][mask])  # (N, D)

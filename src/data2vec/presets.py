@@ -113,7 +113,7 @@ def image_base_v2() -> RunConfig:
     # CLS weight: 0.01 x (16 images x 16 masks per GPU), the constant the official per-GPU scaling implies.
     return RunConfig(
         model=_image_v2(768, 2, 10, 12, DecoderConfig(dim=768, kernel_size=3, groups=16, layers=6)),
-        masking=MaskingConfig(kind="inverse_block", mask_prob=0.8, block_size=3, mask_prob_adjust=0.07, num_masks=16),
+        masking=MaskingConfig(kind="inverse_block", mask_prob=0.8, mask_length=3, mask_prob_adjust=0.07, num_masks=16),
         teacher=TeacherConfig(ema_scope="local", decay=0.9998, end_decay=0.99999, anneal_steps=100_000),
         targets=TargetConfig(top_k=10, layer_source="ffn", layer_norm="instance", final_norm="layer"),
         loss=LossConfig(beta=0.0, scale="rsqrt_dim", cls_weight=2.56),
@@ -126,7 +126,7 @@ def image_base_v2() -> RunConfig:
 def image_large_v2() -> RunConfig:
     return RunConfig(
         model=_image_v2(1024, 0, 24, 16, DecoderConfig(dim=1024, kernel_size=5, groups=16, layers=3)),
-        masking=MaskingConfig(kind="inverse_block", mask_prob=0.75, block_size=3, mask_prob_adjust=0.10, num_masks=16),
+        masking=MaskingConfig(kind="inverse_block", mask_prob=0.75, mask_length=3, mask_prob_adjust=0.10, num_masks=16),
         teacher=TeacherConfig(ema_scope="local", decay=0.9998, end_decay=0.99999, anneal_steps=150_000),
         targets=TargetConfig(top_k=18, layer_source="ffn", layer_norm="instance", final_norm="layer"),
         loss=LossConfig(beta=0.0, scale="rsqrt_dim", cls_weight=1.28),
@@ -185,7 +185,7 @@ def image_tiny_v2() -> RunConfig:
     return replace(
         cfg,
         model=model,
-        masking=replace(cfg.masking, mask_prob=0.75, block_size=2, mask_prob_adjust=0.07, num_masks=4),
+        masking=replace(cfg.masking, mask_prob=0.75, mask_length=2, mask_prob_adjust=0.07, num_masks=4),
         teacher=replace(cfg.teacher, decay=0.998, end_decay=0.9995, anneal_steps=None),
         targets=replace(cfg.targets, top_k=4),
         loss=replace(cfg.loss, cls_weight=0.01 * 32 * 4),

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data2vec.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from data2vec.config import ConfigError, OptimConfig, RunConfig
-from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader
+from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
 from data2vec.model import Batch, Data2Vec, no_weight_decay
 from data2vec.schedules import cosine_lr, ema_decay
 
@@ -123,6 +123,8 @@ def train(
         raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(run_dir, quiet)
+    if not resume:  # e.g. train a tokenizer; the saved config.json holds the result
+        cfg = pipeline_for(cfg).prepare(cfg, run_dir)
     tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
@@ -191,7 +193,12 @@ def train(
             sums: dict[str, float] = {}
             for _ in range(tc.grad_accum):
                 b = _next_batch(data, skipped)
-                batch = Batch(b.inputs.to(device, non_blocking=True), b.mask.to(device, non_blocking=True))
+                batch = Batch(
+                    b.inputs.to(device, non_blocking=True),
+                    b.mask.to(device, non_blocking=True),
+                    None if b.padding_mask is None else b.padding_mask.to(device, non_blocking=True),
+                    None if b.student_inputs is None else b.student_inputs.to(device, non_blocking=True),
+                )
                 with autocast(device, tc.precision):
                     out = model(batch)
                 (out.loss / tc.grad_accum).backward()

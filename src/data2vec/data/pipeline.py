@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -24,11 +25,16 @@ class Item(NamedTuple):
 
 class PretrainBatch(NamedTuple):
     inputs: Tensor
-    """(B, C, H, W) images; the same augmented view feeds student and teacher."""
+    """The teacher's input: (B, C, H, W) images, (B, L) waveforms or (B, T) token ids. For images
+    the same augmented view feeds student and teacher."""
     mask: Tensor
-    """(B*M, T) bool, True = masked."""
+    """(B*M, T) bool over tokens, True = masked."""
     skipped: list[str]
     """Messages for samples dropped from this batch under on_bad_input=skip."""
+    padding_mask: Tensor | None = None
+    """(B, L) input-level padding, True = pad."""
+    student_inputs: Tensor | None = None
+    """The student's corrupted input when masking happens at the input (1.0 text)."""
 
 
 class ImagePretrainDataset(Dataset[Item]):
@@ -66,7 +72,7 @@ class MaskMaker:
             m.mask_prob,
             generator=generator,
             num_masks=self.num_masks,
-            block_size=m.block_size,
+            mask_length=m.mask_length,
             mask_prob_adjust=m.mask_prob_adjust,
             min_block_patches=m.min_block_patches,
         )
@@ -86,6 +92,21 @@ class Collate:
         return PretrainBatch(x, mask, skipped)
 
 
+class PretrainPipeline(Protocol):
+    """What a modality provides to the training loop."""
+
+    def check(self, cfg: RunConfig) -> None:
+        """Fail early, with the path in the message, if the data cannot be used."""
+
+    def prepare(self, cfg: RunConfig, run_dir: Path) -> RunConfig:
+        """Once, before the model is built (e.g. train a tokenizer); returns the final config."""
+
+    def loader(
+        self, cfg: RunConfig, start_batch: int, rank: int, world_size: int
+    ) -> tuple[Iterator[PretrainBatch], int]:
+        """Endless batches from micro-batch `start_batch` on, and the number of samples."""
+
+
 def image_source_for(cfg: RunConfig) -> ImageSource:
     if not cfg.data.path:
         raise FileNotFoundError("data.path: no data given (pass --data PATH)")
@@ -94,10 +115,7 @@ def image_source_for(cfg: RunConfig) -> ImageSource:
     )
 
 
-def build_pretrain_loader(
-    cfg: RunConfig, start_batch: int, rank: int = 0, world_size: int = 1
-) -> tuple[Iterator[PretrainBatch], int]:
-    """An endless iterator of batches starting at micro-batch `start_batch`, and the data size."""
+def _image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -> tuple[Iterator[PretrainBatch], int]:
     source = image_source_for(cfg)
     icfg, dcfg = cfg.model.image, cfg.data
     transform = PretrainTransform(
@@ -127,3 +145,32 @@ def build_pretrain_loader(
         **loader_kwargs,
     )
     return iter(loader), len(dataset)
+
+
+class ImagePipeline:
+    def check(self, cfg: RunConfig) -> None:
+        image_source_for(cfg)
+
+    def prepare(self, cfg: RunConfig, run_dir: Path) -> RunConfig:
+        return cfg
+
+    def loader(
+        self, cfg: RunConfig, start_batch: int, rank: int, world_size: int
+    ) -> tuple[Iterator[PretrainBatch], int]:
+        return _image_loader(cfg, start_batch, rank, world_size)
+
+
+PIPELINES: dict[str, PretrainPipeline] = {
+    "image": ImagePipeline(),
+}
+
+
+def pipeline_for(cfg: RunConfig) -> PretrainPipeline:
+    return PIPELINES[cfg.model.modality]
+
+
+def build_pretrain_loader(
+    cfg: RunConfig, start_batch: int, rank: int = 0, world_size: int = 1
+) -> tuple[Iterator[PretrainBatch], int]:
+    """An endless iterator of batches starting at micro-batch `start_batch`, and the data size."""
+    return pipeline_for(cfg).loader(cfg, start_batch, rank, world_size)

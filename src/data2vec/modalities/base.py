@@ -121,3 +121,8 @@ class Frontend(nn.Module):
     def make_position_bias(self) -> nn.Module | None:
         """A fresh attention-bias module for the encoder, or None."""
         return None
+
+    def corrupt(self, inputs: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        """data2vec 1.0 input-level masking: the student's corrupted copy of `inputs`, or None
+        when this modality masks at the token level (a learned mask vector in `context`)."""
+        return None
