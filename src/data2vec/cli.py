@@ -18,6 +18,7 @@ from pathlib import Path
 from data2vec.checkpoint import CheckpointError
 from data2vec.config import MODALITIES, ConfigError, RunConfig, apply_overrides
 from data2vec.data.images import BadInputError
+from data2vec.demo import DEMOS
 from data2vec.presets import PRESETS, preset
 from data2vec.train import TrainingStopped
 
@@ -50,10 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    demo = sub.add_parser("demo", help="pretrain a tiny model on scikit-learn's digits and probe it")
+    demo = sub.add_parser("demo", help="pretrain a tiny model on built-in data and probe it")
+    demo.add_argument(
+        "--modality",
+        default="image",
+        help="image (default), " + ", ".join(m for m in DEMOS if m != "image") + " or all",
+    )
     demo.add_argument("--out", default="data2vec-demo", help="output folder (default ./data2vec-demo)")
     demo.add_argument("--version", type=int, choices=[1, 2], default=2)
-    demo.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
+    demo.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's own)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true")
 
@@ -105,17 +111,21 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from data2vec.demo import run_demo
+    import importlib
 
-    r = run_demo(
-        args.out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress
-    )
+    names = list(DEMOS) if args.modality == "all" else [args.modality]
+    for name in names:
+        if name not in DEMOS:
+            raise ConfigError(f"modality: no demo for {name!r} (available: {', '.join(DEMOS)}, all)")
+    reports = []
+    for name in names:
+        module, func = DEMOS[name].split(":")
+        run = getattr(importlib.import_module(module), func)
+        out = Path(args.out) / name if len(names) > 1 else Path(args.out)
+        r = run(out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+        reports.append(r.report(args.version))
     print()
-    print(f"linear probe on digits (train 1000 / test 797), after {r.steps} pretraining steps:")
-    print(f"  data2vec {args.version}.0 pretrained encoder : {r.pretrained:.3f}")
-    print(f"  same encoder, random init      : {r.random_init:.3f}")
-    print(f"  raw pixels                     : {r.pixels:.3f}")
-    print(f"loss curve: {r.out_dir / 'loss.png'}; masked inputs: {r.out_dir / 'masked_inputs.png'}")
+    print("\n\n".join(reports))
     return 0
 
 
