@@ -270,6 +270,8 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.exists():
+        return
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     if not rows:
         return
