@@ -108,6 +108,7 @@ class Data2Vec(nn.Module):
                 layer_id = self.cfg.encoder.prenet_depth + i + 1
                 blk.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
                 blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+        self.frontend.reset_parameters()
 
     def student_parts(self) -> dict[str, nn.Module]:
         """The student modules the teacher tracks, by `teacher.ema_scope`."""

@@ -122,6 +122,10 @@ class Frontend(nn.Module):
         """A fresh attention-bias module for the encoder, or None."""
         return None
 
+    def reset_parameters(self) -> None:
+        """Modality-specific initialisation, run after the model's generic init (BERT-style
+        N(0, 0.02) Linear layers, truncated-normal prefix and mask tokens)."""
+
     def corrupt(self, inputs: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor | None:
         """data2vec 1.0 input-level masking: the student's corrupted copy of `inputs`, or None
         when this modality masks at the token level (a learned mask vector in `context`)."""
