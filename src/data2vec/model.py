@@ -47,9 +47,17 @@ class StepOutput(NamedTuple):
     """Detached scalars: loss_reg, loss_cls, target_std, pred_std, masked_tokens."""
 
 
+@torch.no_grad()
+def trunc_normal_(t: Tensor, std: float = 0.02) -> Tensor:
+    """Normal(0, std) truncated at +-2 std, by inverting the CDF (torch's own is ~10x slower on CPU)."""
+    lo = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))
+    t.uniform_(2 * lo - 1, 1 - 2 * lo).erfinv_().mul_(std * math.sqrt(2.0))
+    return t
+
+
 def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        trunc_normal_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
@@ -98,9 +106,9 @@ class Data2Vec(nn.Module):
             self.head.apply(_init_linear)
         ctx = self.frontend.context
         if ctx.prefix is not None:
-            nn.init.trunc_normal_(ctx.prefix, std=0.02, a=-0.04, b=0.04)
+            trunc_normal_(ctx.prefix)
         if ctx.mask_emb is not None:
-            nn.init.trunc_normal_(ctx.mask_emb, std=0.02, a=-0.04, b=0.04)
+            trunc_normal_(ctx.mask_emb)
         if self.cfg.encoder.norm_order == "pre":
             # BEiT: scale the residual-branch outputs down with depth.
             for i, blk in enumerate(self.encoder.blocks):
