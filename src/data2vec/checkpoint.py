@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -122,6 +123,14 @@ def save_checkpoint(
     return final
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporary folders left by a process killed while saving."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for tmp in root.glob(".tmp-step_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoint folders, oldest first (temporary folders are ignored)."""
     root = checkpoint_dir(run_dir)
@@ -154,7 +163,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
     manifest = json.loads((path / "manifest.json").read_text())
-    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+    state = safe_torch_load(path / "state.pt", map_location)
     return Checkpoint(
         path=path,
         step=int(manifest["step"]),
@@ -163,6 +172,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         config=json.loads((path / "config.json").read_text()),
         state=state,
     )
+
+
+def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load that only accepts tensors and plain containers: no pickled code ever runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than tensors and plain containers "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:

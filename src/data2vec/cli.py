@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pretrain on your own data, or resume a run")
     pre.add_argument("--modality", choices=list(MODALITIES), help="input modality (must match the preset)")
-    pre.add_argument("--data", help="image folder, tar shard(s) (file, folder or glob), or builtin:digits")
+    pre.add_argument(
+        "--data",
+        help="images: folder, tar shard(s) (file, folder or glob) or builtin:digits; "
+        "audio: folder of wav/flac/ogg or a manifest TSV",
+    )
     pre.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     pre.add_argument("--version", type=int, choices=[1, 2], default=2, help="data2vec 1.0 or 2.0 (default 2)")
     pre.add_argument("--config", help="a config.json to start from instead of a preset (e.g. RUN_DIR/config.json)")
@@ -105,6 +109,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         pipeline_for(cfg).check(cfg)  # fail now, in one line, on missing or empty data
         result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
     print(f"finished at step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
+    for note in result.data_notes:
+        print(note)
     if result.skipped_inputs:
         print(f"skipped {len(result.skipped_inputs)} bad input file(s); see {result.run_dir / 'train.log'}")
     return 0

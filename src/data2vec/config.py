@@ -22,7 +22,7 @@ NormOrder = Literal["pre", "post"]
 NormKind = Literal["instance", "layer", "none"]
 
 
-MODALITIES: tuple[str, ...] = ("image",)
+MODALITIES: tuple[str, ...] = ("image", "audio", "text")
 """Modalities with a front-end; each front-end module adds its name when it is built in."""
 
 
@@ -129,7 +129,8 @@ class AudioConfig:
     pos_conv_kernel: int = 19
     pos_conv_groups: int = 16
     alibi: bool = False
-    """ALiBi attention bias with a learned per-head scale (data2vec 2.0 speech)."""
+    """ALiBi attention bias with a learned per-head scale (data2vec 2.0 speech); needs
+    model.encoder.position_bias 'shared' (the official setting) or 'per_layer'."""
 
     def validate(self, key: str) -> None:
         _check(len(self.conv_layers) > 0, f"{key}.conv_layers", "needs at least one layer")
@@ -151,12 +152,14 @@ class TextConfig:
     bos_id: int = 0
     eos_id: int = 2
     mask_id: int = 50264
+    unk_id: int = 3
     embed_dropout: float = 0.1
+    """Dropout after the embedding LayerNorm (student only; the teacher pass is clean)."""
 
     def validate(self, key: str) -> None:
         _check(self.vocab_size > 0, f"{key}.vocab_size", "must be positive")
         _check(self.max_positions > 0, f"{key}.max_positions", "must be positive")
-        for name in ("pad_id", "bos_id", "eos_id", "mask_id"):
+        for name in ("pad_id", "bos_id", "eos_id", "mask_id", "unk_id"):
             _check(0 <= getattr(self, name) < self.vocab_size, f"{key}.{name}", "must be a valid token id")
         _check(0.0 <= self.embed_dropout < 1.0, f"{key}.embed_dropout", "must be in [0, 1)")
 
@@ -205,6 +208,13 @@ class ModelConfig:
         self.encoder.validate(f"{key}.encoder")
         # Only the active modality's front-end section is checked.
         getattr(self, self.modality).validate(f"{key}.{self.modality}")
+        if self.modality == "audio":
+            _check(
+                self.audio.alibi == (self.encoder.position_bias != "none"),
+                f"{key}.encoder.position_bias",
+                f"{self.encoder.position_bias!r} with audio.alibi={self.audio.alibi}: ALiBi needs 'shared' "
+                "or 'per_layer', and audio has no other position bias (use 'none' without ALiBi)",
+            )
         self.decoder.validate(f"{key}.decoder")
 
 
@@ -332,9 +342,15 @@ class AudioDataConfig:
     """Audio per batch, in seconds (batches are formed by duration, not by count)."""
     normalize: bool = True
     """Zero mean, unit variance per utterance."""
+    crop_to_shortest: bool = True
+    """Crop every batch to its shortest utterance, so batches hold no padding (fairseq);
+    False pads to the longest instead, with a padding mask that masks and targets respect."""
+    max_batch_size: int = 0
+    """Most utterances in one batch; 0 = no limit besides batch_seconds."""
 
     def validate(self, key: str) -> None:
         _check(self.sample_rate > 0, f"{key}.sample_rate", "must be positive")
+        _check(self.max_batch_size >= 0, f"{key}.max_batch_size", "must be >= 0")
         _check(0 < self.min_sample_size <= self.max_sample_size, f"{key}.min_sample_size", "must be in (0, max]")
         _check(self.batch_seconds > 0, f"{key}.batch_seconds", "must be positive")
 
@@ -350,10 +366,20 @@ class TextDataConfig:
     document: Literal["line", "file"] = "line"
     """In plain-text files: one document per line or per file."""
     jsonl_field: str = "text"
+    """In .jsonl files: the field holding each record's text."""
+    tsv_column: str = "text"
+    """In .tsv files (first line = header): the column holding the text (e.g. 'sentence' for GLUE)."""
+    tokenizer_train_bytes: int = 200_000_000
+    """A trained tokenizer sees at most this much text (the first documents read)."""
+    token_cache: str = ""
+    """The tokenised corpus (a flat file of token ids in the run directory); set when a run starts."""
 
     def validate(self, key: str) -> None:
-        _check(self.vocab_size >= 260, f"{key}.vocab_size", "must be >= 260 (256 bytes + special tokens)")
+        _check(self.vocab_size >= 261, f"{key}.vocab_size", "must be >= 261 (256 bytes + 5 special tokens)")
         _check(self.block_size >= 4, f"{key}.block_size", "must be >= 4")
+        _check(self.tokenizer_train_bytes > 0, f"{key}.tokenizer_train_bytes", "must be positive")
+        for name in ("jsonl_field", "tsv_column"):
+            _check(bool(getattr(self, name)), f"{key}.{name}", "must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,13 +421,21 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     device: str = "auto"
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 1
+    """Write a metrics.jsonl line every this many steps (the collapse monitor checks every step)."""
     ckpt_every: int = 500
     keep_last: int = 2
     collapse_after: int = 5000
     """The collapse monitor fires only after this many steps (warm-up)."""
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: stop (last checkpoint intact) or skip that step and count it."""
+    on_collapse: Literal["stop", "rewind"] = "stop"
+    """Collapse monitor: stop, or rewind to the last checkpoint and continue with a lower lr."""
+    rewind_lr_factor: float = 0.5
+    """Each rewind multiplies the learning rate by this."""
+    max_rewinds: int = 3
 
     def validate(self, key: str) -> None:
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
@@ -409,6 +443,8 @@ class TrainConfig:
         _check(self.log_every >= 1, f"{key}.log_every", "must be >= 1")
         _check(self.ckpt_every >= 1, f"{key}.ckpt_every", "must be >= 1")
         _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
+        _check(0 < self.rewind_lr_factor <= 1, f"{key}.rewind_lr_factor", "must be in (0, 1]")
+        _check(self.max_rewinds >= 0, f"{key}.max_rewinds", "must be >= 0")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"{key}.device",
@@ -448,13 +484,27 @@ class RunConfig:
             _check(
                 self.masking.kind != "beit_block",
                 "masking.kind",
-                "beit_block masks have unequal counts per row; data2vec 2.0 needs inverse_block or random",
+                "beit_block masks have unequal counts per row; "
+                "data2vec 2.0 needs inverse_block, block_1d, span or random",
             )
         if self.model.modality == "image":
             _check(
                 len(self.data.mean) == self.model.image.channels,
                 "data.mean",
                 f"has {len(self.data.mean)} values for {self.model.image.channels} image channel(s)",
+            )
+        if self.model.modality == "text":
+            _check(
+                self.data.text.block_size <= self.model.text.max_positions,
+                "data.text.block_size",
+                f"{self.data.text.block_size} is larger than model.text.max_positions {self.model.text.max_positions}",
+            )
+            text_kinds = ("bert", "span") if self.model.version == 1 else ("random",)
+            _check(
+                self.masking.kind in text_kinds,
+                "masking.kind",
+                f"{self.masking.kind!r} does not apply to data2vec {self.model.version}.0 text "
+                f"(use {' or '.join(text_kinds)})",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -466,7 +516,11 @@ class RunConfig:
         return from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write atomically (temporary file + rename), so a crash never leaves half a config."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

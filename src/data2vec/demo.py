@@ -57,7 +57,7 @@ def demo_config(version: int = 2, steps: int = 600, overrides: list[str] | None 
     cfg = replace(
         cfg,
         data=replace(cfg.data, path="builtin:digits:train", num_workers=1),
-        train=replace(cfg.train, steps=steps, ckpt_every=max(1, steps // 2), log_every=10),
+        train=replace(cfg.train, steps=steps, ckpt_every=max(1, steps // 2), log_every=1),
         optim=replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps // 10)),
         preset=cfg.preset or f"digits-tiny@v{version}",
     )
@@ -142,4 +142,5 @@ def run_demo(
 # and returns a DemoResult. Imported lazily so one modality's extras are not needed by another.
 DEMOS: dict[str, str] = {
     "image": "data2vec.demo:run_demo",
+    "text": "data2vec.demo_text:run_demo",
 }

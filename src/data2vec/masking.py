@@ -6,8 +6,9 @@ True means *masked* (hidden from the student, predicted by it); T = H*W patches 
 row-major order for images.
 
 Data2vec 2.0 drops masked tokens before the encoder and packs the rest densely, which
-needs the same number of masked tokens in every row. `block_mask_2d` and
-`random_mask` guarantee that; `mask_to_indices` checks it.
+needs the same number of masked tokens in every row. `block_mask_2d`, `block_mask_1d`,
+`span_mask` and `random_mask` guarantee that; `mask_to_indices` checks it. Masks are drawn
+after any cropping, for the final token count (SPEC 6.3).
 """
 
 from __future__ import annotations
@@ -145,6 +146,106 @@ def random_mask(batch: int, length: int, mask_prob: float, *, generator: torch.G
     return ~visible
 
 
+def _row_lengths(batch: int, length: int, valid_lengths: Tensor | None) -> list[int]:
+    if valid_lengths is None:
+        return [length] * batch
+    if valid_lengths.shape != (batch,):
+        raise ValueError(f"valid_lengths has shape {tuple(valid_lengths.shape)}, expected ({batch},)")
+    sizes = [int(v) for v in valid_lengths.tolist()]
+    if any(not 0 < v <= length for v in sizes):
+        raise ValueError(f"valid lengths must be in [1, {length}], got {sizes}")
+    return sizes
+
+
+def span_mask(
+    batch: int,
+    length: int,
+    mask_prob: float,
+    *,
+    generator: torch.Generator,
+    mask_length: int = 10,
+    valid_lengths: Tensor | None = None,
+    min_masks: int = 1,
+) -> Tensor:
+    """wav2vec 2.0 / data2vec 1.0 span masking (fairseq `compute_mask_indices`, static
+    lengths, overlaps allowed, `require_same_masks=True`).
+
+    Per row of valid length `sz`: `int(mask_prob * sz / mask_length + U[0,1))` spans (at
+    least `min_masks`; one draw shared by all rows when nothing is padded), starts drawn
+    without replacement from [0, sz - mask_length), each covering `mask_length` frames,
+    clipped at `sz`. Then every row keeps a random subset of its masked frames, down to the
+    smallest count in the batch, so all rows mask the same number. `mask_prob` is the share
+    of span *starts*: 0.65 with length 10 masks about 49% of the frames.
+
+    Args:
+        valid_lengths: (B,) frames per row that are not padding; nothing past them is masked.
+    Returns: (B, T) bool, True = masked.
+    """
+    sizes = _row_lengths(batch, length, valid_lengths)
+    shared = int(mask_prob * length / mask_length + float(torch.rand((), generator=generator)))
+    rows: list[Tensor] = []
+    for sz in sizes:
+        if valid_lengths is None:
+            num = shared
+        else:
+            num = int(mask_prob * sz / mask_length + float(torch.rand((), generator=generator)))
+        num = max(min_masks, num)
+        span = mask_length
+        if sz - span <= num:  # fairseq: shorten the start range so `num` distinct starts exist
+            span = sz - num - 1
+        positions = max(sz - span, 1)
+        num = min(num, positions)
+        starts = torch.randperm(positions, generator=generator)[:num]
+        idx = (starts[:, None] + torch.arange(mask_length)[None, :]).reshape(-1)
+        rows.append(torch.unique(idx[idx < sz]))
+    target = min(len(r) for r in rows)
+    out = torch.zeros(batch, length, dtype=torch.bool)
+    for b, idx in enumerate(rows):
+        if len(idx) > target:
+            idx = idx[torch.randperm(len(idx), generator=generator)[:target]]
+        out[b, idx] = True
+    return out
+
+
+def block_mask_1d(
+    batch: int,
+    length: int,
+    mask_prob: float,
+    *,
+    generator: torch.Generator,
+    mask_length: int = 5,
+    mask_prob_adjust: float = 0.05,
+    valid_lengths: Tensor | None = None,
+) -> Tensor:
+    """data2vec 2.0 speech masking with an exact count (fairseq `compute_block_mask_1d`,
+    `require_same_masks=True`, not inverse).
+
+    Per row of valid length `sz`: `int(sz * (mask_prob + mask_prob_adjust) / mask_length)`
+    distinct span centres, each marking `mask_length` frames around it (clamped to the row);
+    then random frames are un-marked or added until exactly `int(min_sz * mask_prob)` are
+    masked, where `min_sz` is the shortest valid length in the batch (so every row masks
+    the same number and padding is never masked).
+
+    Returns: (B, T) bool, True = masked.
+    """
+    sizes = _row_lengths(batch, length, valid_lengths)
+    marked = torch.zeros(batch, length, dtype=torch.bool)
+    offs = torch.arange(mask_length) - mask_length // 2
+    for b, sz in enumerate(sizes):
+        n = min(int(sz * (mask_prob + mask_prob_adjust) / mask_length), sz)
+        if n > 0:
+            centres = torch.randperm(sz, generator=generator)[:n]
+            marked[b, (centres[:, None] + offs).clamp(0, sz - 1).reshape(-1)] = True
+    target = int(min(sizes) * mask_prob)
+    score = marked.float() + torch.rand(marked.shape, generator=generator)
+    if valid_lengths is not None:
+        pad = torch.arange(length)[None, :] >= torch.tensor(sizes)[:, None]
+        score = score.masked_fill(pad, -1.0)
+    out = torch.zeros_like(marked)
+    out.scatter_(1, score.topk(target, dim=1).indices, True)
+    return out
+
+
 def mask_to_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Indices to pack the visible tokens densely and to undo it.
 
@@ -190,14 +291,35 @@ def draw_masks(
     mask_length: int = 3,
     mask_prob_adjust: float = 0.0,
     min_block_patches: int = 16,
+    valid_lengths: Tensor | None = None,
 ) -> Tensor:
     """Draw `num_masks` masks per sample for a (H, W) token grid ((1, T) for sequences).
+
+    `valid_lengths` (batch,) gives each sample's unpadded token count; the sequence maskers
+    (span, block_1d) never mask past it. Other kinds draw over the full length (the model
+    then refuses 2.0 masks that cover padding).
 
     Returns: (batch * num_masks, H*W) bool; the M masks of a sample are consecutive rows,
     matching `repeat_interleave(M)` of the batch.
     """
     rows = batch * num_masks
     length = grid[0] * grid[1]
+    if valid_lengths is not None and num_masks > 1:
+        valid_lengths = valid_lengths.repeat_interleave(num_masks)
+    if kind == "span":
+        return span_mask(
+            rows, length, mask_prob, generator=generator, mask_length=mask_length, valid_lengths=valid_lengths
+        )
+    if kind == "block_1d":
+        return block_mask_1d(
+            rows,
+            length,
+            mask_prob,
+            generator=generator,
+            mask_length=mask_length,
+            mask_prob_adjust=mask_prob_adjust,
+            valid_lengths=valid_lengths,
+        )
     if kind == "beit_block":
         return beit_block_mask(
             rows,

@@ -143,9 +143,16 @@ class Data2Vec(nn.Module):
         h, w = self.frontend.grid
         return h * w
 
-    def draw_masks(self, batch: int, generator: torch.Generator, grid: tuple[int, int] | None = None) -> Tensor:
+    def draw_masks(
+        self,
+        batch: int,
+        generator: torch.Generator,
+        grid: tuple[int, int] | None = None,
+        valid_lengths: Tensor | None = None,
+    ) -> Tensor:
         """(B*M, T) masks from the masking config (what the data loader does in training).
-        `grid` is the token layout: the front-end's patch grid by default, (1, T) for sequences."""
+        `grid` is the token layout: the front-end's patch grid by default, (1, T) for sequences;
+        `valid_lengths` (B,) the unpadded token count of each sample (sequence maskers only)."""
         m = self.masking
         return draw_masks(
             m.kind,
@@ -157,6 +164,7 @@ class Data2Vec(nn.Module):
             mask_length=m.mask_length,
             mask_prob_adjust=m.mask_prob_adjust,
             min_block_patches=m.min_block_patches,
+            valid_lengths=valid_lengths,
         )
 
     # ------------------------------------------------------------------ forward passes
@@ -184,6 +192,13 @@ class Data2Vec(nn.Module):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> StepOutput:
         """One pretraining objective evaluation (SPEC 2.1 / 3.3)."""
+        if batch.mask is None:
+            if generator is None:  # follow the global seed, but never the same masks twice
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+            drawn = self.frontend.input_masks(batch.inputs, self.masking, generator)
+            if drawn is not None:  # masks that depend on the input (text), + the 1.0 corrupted input
+                student = batch.student_inputs if batch.student_inputs is not None else drawn[1]
+                batch = batch._replace(mask=drawn[0], student_inputs=student)
         tokens = self.frontend.local(batch.inputs, batch.padding_mask)  # once per sample
         B, T, D = tokens.x.shape
         M = self.masking.num_masks if self.cfg.version == 2 else 1
@@ -192,7 +207,8 @@ class Data2Vec(nn.Module):
             if generator is None:  # follow the global seed, but never the same masks twice
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
             grid = self.frontend.grid if self.frontend.decoder_2d else (1, T)
-            mask = self.draw_masks(B, generator, grid).to(tokens.x.device)
+            valid = None if tokens.padding_mask is None else (~tokens.padding_mask).sum(1).cpu()
+            mask = self.draw_masks(B, generator, grid, valid).to(tokens.x.device)
         if mask.shape != (B * M, T):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B * M, T)}")
         pad = tokens.padding_mask

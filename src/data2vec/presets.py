@@ -219,3 +219,12 @@ def preset(name: str, version: int = 2) -> RunConfig:
     if version not in PRESETS[name]:
         raise ConfigError(f"version: preset {name!r} has no data2vec {version}.0 variant")
     return replace(PRESETS[name][version](), preset=f"{name}@v{version}")
+
+
+from data2vec.presets_audio import AUDIO_PRESETS  # noqa: E402
+
+PRESETS.update(AUDIO_PRESETS)
+
+from data2vec.presets_text import TEXT_PRESETS  # noqa: E402
+
+PRESETS.update(TEXT_PRESETS)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data2vec.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from data2vec.checkpoint import Checkpoint, list_checkpoints, load_latest, remove_stale_temporaries, save_checkpoint
 from data2vec.config import ConfigError, OptimConfig, RunConfig
+from data2vec.data.images import BadInputError
 from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
 from data2vec.model import Batch, Data2Vec, no_weight_decay
 from data2vec.schedules import cosine_lr, ema_decay
@@ -41,6 +42,8 @@ class TrainResult:
     model: Data2Vec
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_inputs: list[str] = field(default_factory=list)
+    data_notes: list[str] = field(default_factory=list)
+    """What the data pipeline reported about the data (e.g. audio clips dropped as too short)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,9 +80,11 @@ def anneal_steps(cfg: RunConfig) -> int:
     return cfg.train.steps if cfg.teacher.anneal_steps is None else cfg.teacher.anneal_steps
 
 
-def _next_batch(it: Iterator[PretrainBatch], skipped: list[str]) -> PretrainBatch:
+def _next_batch(it: Iterator[PretrainBatch], skipped: list[str], on_bad_input: str) -> PretrainBatch:
     while True:
         b = next(it)
+        if b.skipped and on_bad_input == "fail":
+            raise BadInputError(b.skipped[0] + " (set data.on_bad_input=skip to skip bad files)")
         skipped.extend(b.skipped)
         if b.inputs.numel():
             return b
@@ -130,14 +135,27 @@ def train(
     torch.manual_seed(tc.seed)
     model = Data2Vec.from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    remove_stale_temporaries(run_dir)
+    # Counters that survive resumes and rewinds (saved in state.pt).
+    run_state: dict[str, Any] = {"lr_scale": 1.0, "nan_skipped": 0, "rewinds": 0, "skipped_inputs": []}
+
+    def restore(ck: Checkpoint, counters: bool = True) -> None:
+        """Load weights, optimizer and RNG; with `counters`, also the run counters (a resume,
+        not a rewind: a rewind keeps counting)."""
+        model.load_state_dict({**ck.student, **ck.teacher}, strict=True)
+        optimizer.load_state_dict(ck.state["optimizer"])
+        torch.set_rng_state(ck.state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck.state:
+            torch.cuda.set_rng_state(ck.state["rng_cuda"], device)
+        if counters:
+            for key in ("lr_scale", "nan_skipped", "rewinds"):
+                run_state[key] = ck.state.get(key, run_state[key])
+            run_state["skipped_inputs"][:] = ck.state.get("skipped_inputs", [])
+
     start = 0
     ckpt = load_latest(run_dir, map_location=device) if resume else None
     if ckpt is not None:
-        model.load_state_dict({**ckpt.student, **ckpt.teacher}, strict=True)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        torch.set_rng_state(ckpt.state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt.state:
-            torch.cuda.set_rng_state(ckpt.state["rng_cuda"], device)
+        restore(ckpt)
         start = ckpt.step
         log(f"resumed from {ckpt.path} at step {start}")
     elif resume:
@@ -146,13 +164,9 @@ def train(
         cfg.save(run_dir / "config.json")
 
     history: list[dict[str, float]] = []
-    skipped: list[str] = []
+    skipped: list[str] = run_state["skipped_inputs"]
     metrics_path = run_dir / "metrics.jsonl"
-    if start == 0 and metrics_path.exists():
-        metrics_path.unlink()
-    elif metrics_path.exists():  # drop lines logged after the checkpoint we resumed from
-        lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in lines))
+    _truncate_metrics(metrics_path, start)
 
     if start >= tc.steps:
         log(f"run already finished ({start} of {tc.steps} steps)")
@@ -164,9 +178,17 @@ def train(
         f"data2vec {cfg.model.version}.0 {cfg.model.modality} | {n_params / 1e6:.2f}M trainable params | "
         f"{n_samples} samples | batch {cfg.data.batch_size}x{tc.grad_accum} | {tc.precision} on {device}"
     )
+    data_notes = [str(note) for note in getattr(data, "notes", ())]  # optional, per pipeline
+    for note in data_notes:
+        log(note)
 
     def save(step: int) -> None:
-        state: dict[str, Any] = {"optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state()}
+        state: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "rng_cpu": torch.get_rng_state(),
+            **run_state,
+        }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         path = save_checkpoint(
@@ -186,13 +208,15 @@ def train(
     last_saved = start
     step = start
     try:
-        for step in range(start, tc.steps):
-            lr = cosine_lr(step, tc.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps)
+        while step < tc.steps:
+            lr = run_state["lr_scale"] * cosine_lr(
+                step, tc.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums: dict[str, float] = {}
             for _ in range(tc.grad_accum):
-                b = _next_batch(data, skipped)
+                b = _next_batch(data, skipped, cfg.data.on_bad_input)
                 batch = Batch(
                     b.inputs.to(device, non_blocking=True),
                     b.mask.to(device, non_blocking=True),
@@ -206,20 +230,34 @@ def train(
                 sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / tc.grad_accum
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
-            if not math.isfinite(sums["loss"]):
-                raise TrainingStopped(
-                    f"non-finite loss {sums['loss']} at step {step}; stopped. "
-                    f"The last good checkpoint is step {last_saved} in {run_dir}."
-                )
             max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            decay = ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, anneal_steps(cfg))
-            model.update_teacher(decay)
+
+            # Step 1: numbers. A non-finite loss or gradient never reaches the weights.
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                what = f"non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient'} at step {step + 1}"
+                if tc.on_nan == "stop":
+                    raise TrainingStopped(
+                        f"{what} (loss {sums['loss']}, grad norm {grad_norm}); stopped. "
+                        f"The last good checkpoint is step {last_saved} in {run_dir}."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                run_state["nan_skipped"] += 1
+                log(f"{what}: step skipped ({run_state['nan_skipped']} so far, train.on_nan=skip)")
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                decay = ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, anneal_steps(cfg))
+                model.update_teacher(decay)
 
             now = time.perf_counter()
-            record = {"step": step + 1, **sums, "lr": lr, "ema_decay": decay, "grad_norm": grad_norm}
+            record = {
+                "step": step + 1,
+                **sums,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "ema_decay": ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, anneal_steps(cfg)),
+            }
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 record["samples_per_sec"] = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0
@@ -233,34 +271,86 @@ def train(
                 )
             history.append(record)
             bar.update(1)
+            step += 1
 
-            collapsed = (step + 1) > tc.collapse_after and (
+            # Step 2: the collapse monitor (SPEC 1.3), after its warm-up.
+            collapsed = step > tc.collapse_after and (
                 sums["target_std"] < tc.min_target_std or sums["pred_std"] < tc.min_pred_std
             )
             if collapsed:
-                raise TrainingStopped(
-                    f"representation collapse at step {step + 1}: target std {sums['target_std']:.4f} "
-                    f"(min {tc.min_target_std}), prediction std {sums['pred_std']:.4f} (min {tc.min_pred_std}). "
-                    f"Stopped without saving; the last good checkpoint is step {last_saved} in {run_dir}. "
-                    "Try a lower optim.lr or a slower teacher (teacher.decay closer to 1)."
+                what = (
+                    f"representation collapse at step {step}: target std {sums['target_std']:.4f} "
+                    f"(min {tc.min_target_std}), prediction std {sums['pred_std']:.4f} (min {tc.min_pred_std})"
                 )
-            stopping = stop_after is not None and step + 1 >= stop_after
-            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps or stopping:
-                save(step + 1)
-                last_saved = step + 1
+                good = load_latest(run_dir, map_location=device)
+                if tc.on_collapse == "rewind" and good is not None and run_state["rewinds"] < tc.max_rewinds:
+                    restore(good, counters=False)
+                    run_state["rewinds"] += 1
+                    run_state["lr_scale"] *= tc.rewind_lr_factor
+                    step = last_saved = good.step
+                    _truncate_metrics(metrics_path, step)
+                    data, _ = build_pretrain_loader(cfg, start_batch=step * tc.grad_accum)
+                    bar.reset(total=tc.steps)
+                    bar.update(step)
+                    log(
+                        f"{what}. Rewound to step {step} (rewind {run_state['rewinds']} of {tc.max_rewinds}); "
+                        f"learning rate now x{run_state['lr_scale']:g}"
+                    )
+                    continue
+                raise TrainingStopped(
+                    f"{what}. Stopped without saving; the last good checkpoint is step {last_saved} in {run_dir}. "
+                    "Try a lower optim.lr, a slower teacher (teacher.decay closer to 1), or train.on_collapse=rewind."
+                )
+            stopping = stop_after is not None and step >= stop_after
+            if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
+                save(step)
+                last_saved = step
                 plot_loss_curve(metrics_path, run_dir / "loss.png")
-            if stopping:
-                log(f"stopping after step {step + 1} as asked (--stop-after); resume with --resume {run_dir}")
-                return TrainResult(run_dir, step + 1, model, history, skipped)
-        step = tc.steps
+            if stopping and step < tc.steps:
+                log(f"stopping after step {step} as asked (--stop-after); resume with --resume {run_dir}")
+                break
     except TrainingStopped as e:
         log(str(e))
         raise
+    except BadInputError as e:
+        # Keep what was done: checkpoint the last completed step before stopping.
+        optimizer.zero_grad(set_to_none=True)
+        if step > last_saved:
+            save(step)
+        log(f"stopped on bad input at step {step}: {e}")
+        raise
     finally:
         bar.close()
+        _write_summary(run_dir, step, run_state)
         if skipped:
-            log(f"skipped {len(skipped)} bad input(s):\n  " + "\n  ".join(skipped))
-    return TrainResult(run_dir, step, model, history, skipped)
+            unique = sorted(set(skipped))
+            log(f"skipped {len(unique)} bad input(s):\n  " + "\n  ".join(unique))
+        if run_state["nan_skipped"]:
+            log(f"skipped {run_state['nan_skipped']} step(s) with a non-finite loss or gradient")
+    return TrainResult(run_dir, step, model, history, sorted(set(skipped)), data_notes)
+
+
+def _truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (we are resuming or rewinding to it)."""
+    if not metrics_path.exists():
+        return
+    if step == 0:
+        metrics_path.unlink()
+        return
+    lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    metrics_path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _write_summary(run_dir: Path, step: int, run_state: dict[str, Any]) -> None:
+    summary = {
+        "step": step,
+        "skipped_inputs": len(set(run_state["skipped_inputs"])),
+        "skipped_input_files": sorted(set(run_state["skipped_inputs"])),
+        "nan_skipped_steps": run_state["nan_skipped"],
+        "rewinds": run_state["rewinds"],
+        "lr_scale": run_state["lr_scale"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:

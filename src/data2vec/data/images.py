@@ -34,8 +34,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 class BadInputError(ValueError):
     """A data file cannot be used; the message starts with the file's path."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str, reason: str = "") -> None:
+        super().__init__(f"{path}: {reason}" if reason else path)
         self.path = path
         self.reason = reason
 
@@ -55,10 +55,24 @@ class ImageSource(ABC):
         return None
 
 
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode (16-bit, float, CMYK, palette, alpha, ...) -> 8-bit 'RGB' or 'L'."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8))
+    elif img.mode in ("P", "PA", "LA", "RGBA") or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")  # resolve palettes and transparency before dropping alpha
+    return img.convert("RGB" if channels == 3 else "L")
+
+
 def _decode(data: bytes | str, where: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         img.load()
+    except Image.DecompressionBombError as e:
+        raise BadInputError(where, f"image too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadInputError(where, f"not a readable image ({e})") from None
     if img.width < 1 or img.height < 1:
@@ -289,7 +303,7 @@ class PretrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Tensor:
-        img = img.convert("RGB" if self.channels == 3 else "L")
+        img = to_mode(img, self.channels)
         box = self.crop_box(img.width, img.height, rng)
         img = img.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
         if self.hflip and rng.random() < 0.5:
@@ -318,5 +332,5 @@ def eval_transform(
     img: Image.Image, size: tuple[int, int], channels: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Tensor:
     """Deterministic resize (bicubic) to `size` for feature extraction and probes."""
-    img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    img = to_mode(img, channels).resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return to_tensor(img, mean, std)

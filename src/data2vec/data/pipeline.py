@@ -50,8 +50,8 @@ class ImagePretrainDataset(Dataset[Item]):
             img = self.source.load(index)
             return Item(self.transform(img, np.random.default_rng(seed)), seed, None)
         except BadInputError as e:
-            if self.on_bad_input == "fail":
-                raise
+            # Reported, not raised: the training loop applies data.on_bad_input in the main
+            # process, so the error reaches the user as one line rather than a worker traceback.
             return Item(None, seed, str(e))
 
 
@@ -174,3 +174,13 @@ def build_pretrain_loader(
 ) -> tuple[Iterator[PretrainBatch], int]:
     """An endless iterator of batches starting at micro-batch `start_batch`, and the data size."""
     return pipeline_for(cfg).loader(cfg, start_batch, rank, world_size)
+
+
+# Pipelines in their own modules import PretrainBatch from here, so they register last.
+from data2vec.data.audio import AudioPipeline  # noqa: E402
+
+PIPELINES["audio"] = AudioPipeline()
+
+from data2vec.data.text import TextPipeline  # noqa: E402
+
+PIPELINES["text"] = TextPipeline()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data2vec.config import MaskingConfig
 from data2vec.masking import gather_tokens, replace_masked
 
 
@@ -129,4 +130,12 @@ class Frontend(nn.Module):
     def corrupt(self, inputs: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor | None:
         """data2vec 1.0 input-level masking: the student's corrupted copy of `inputs`, or None
         when this modality masks at the token level (a learned mask vector in `context`)."""
+        return None
+
+    def input_masks(
+        self, inputs: Tensor, masking: MaskingConfig, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """Masks that depend on the input itself (text: special tokens are never masked), as
+        ((B*M, T) loss positions, the student's corrupted input or None); None = draw masks
+        over the token grid from the masking config alone (every other modality)."""
         return None

@@ -1,0 +1,428 @@
+"""Speech data: folders or manifests of audio files, batched by duration (SPEC 2.2, 3.7).
+
+Sources:
+- a folder: every .wav, .flac and .ogg file under it, recursively (read with soundfile);
+- a manifest (any other file, e.g. `train.tsv`): one `path[<TAB>num_samples]` per line,
+  paths relative to the manifest's folder, or fairseq's form whose first line is the root
+  folder. A given `num_samples` is taken as the length at `data.audio.sample_rate` (as in
+  fairseq's 16 kHz manifests) and spares opening the file to learn it.
+
+Each utterance is read, mixed down to mono, resampled with soxr when its rate differs
+from `data.audio.sample_rate`, normalised to zero mean and unit variance (as fairseq's
+`task.normalize`), then randomly cropped to `max_sample_size`. Clips shorter than
+`min_sample_size` are dropped (and counted) when the source is scanned.
+
+Batches hold up to `batch_seconds` of audio: utterances are sorted by length (ties broken
+at random per epoch), cut greedily into batches whose (count x longest) fits the budget,
+and the batches are shuffled per epoch. Each batch is then cropped to its shortest
+utterance, so pretraining batches hold no padding (fairseq), and the masks are drawn after
+that crop. Micro-batch k of a run is a pure function of (seed, k), so runs resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from data2vec.config import AudioDataConfig, RunConfig
+from data2vec.data.images import BadInputError
+from data2vec.data.pipeline import PretrainBatch
+from data2vec.data.sampling import batch_generator, sample_seed
+from data2vec.masking import draw_masks
+from data2vec.modalities.audio import conv_output_length, conv_output_lengths
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+_OTHER_AUDIO = (".aiff", ".aif", ".au", ".caf", ".w64", ".mp3", ".opus")
+
+
+# ---------------------------------------------------------------------- reading files
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """A file as a mono float32 waveform at `sample_rate`; BadInputError names the file."""
+    where = str(path)
+    try:
+        data, rate = sf.read(where, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+        raise BadInputError(where, f"not a readable audio file ({e})") from None
+    if data.shape[0] == 0:
+        raise BadInputError(where, "empty audio (0 samples)")
+    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(wav).all():
+        raise BadInputError(where, "audio holds NaN or infinite samples")
+    if rate != sample_rate:
+        wav = soxr.resample(wav, rate, sample_rate)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def normalize_waveform(wav: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Zero mean, unit variance over the whole utterance (fairseq: F.layer_norm over the waveform)."""
+    w = wav.astype(np.float64)
+    out = (w - w.mean()) / math.sqrt(w.var() + eps)
+    return out.astype(np.float32)
+
+
+def resampled_length(frames: int, rate: int, sample_rate: int) -> int:
+    """Samples after resampling `frames` from `rate` to `sample_rate` (soxr rounds)."""
+    return frames if rate == sample_rate else int(round(frames * sample_rate / rate))
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    path: str
+    samples: int
+    """Length at the target sample rate."""
+
+
+@dataclass
+class AudioSource:
+    """The usable clips of a folder or manifest, and what was left out."""
+
+    location: str
+    sample_rate: int
+    clips: list[AudioClip]
+    too_short: int = 0
+    """Clips below min_sample_size, dropped."""
+    min_samples: int = 0
+    skipped: list[str] = field(default_factory=list)
+    """'path: reason' for unreadable files (on_bad_input=skip)."""
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.samples for c in self.clips) / self.sample_rate
+
+    def notes(self) -> list[str]:
+        lines = [f"audio: {len(self.clips)} clips ({self.seconds / 3600:.2f} h) from {self.location}"]
+        if self.too_short:
+            lines.append(
+                f"audio: dropped {self.too_short} clip(s) shorter than data.audio.min_sample_size "
+                f"({self.min_samples} samples = {self.min_samples / self.sample_rate:.2f} s)"
+            )
+        if self.skipped:
+            lines.append(f"audio: skipped {len(self.skipped)} unreadable file(s) (data.on_bad_input=skip)")
+        return lines
+
+
+def read_manifest(path: Path) -> list[tuple[Path, int | None]]:
+    """`path[<TAB>num_samples]` lines; an optional first line naming the root folder (fairseq)."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a manifest (not UTF-8 text); give a folder of audio files or a TSV") from None
+    root = path.parent
+    if lines and "\t" not in lines[0]:
+        first = Path(lines[0].strip())
+        if first.is_dir() or first.suffix.lower() not in (*AUDIO_EXTENSIONS, *_OTHER_AUDIO):
+            root = first if first.is_absolute() else path.parent / first
+            lines = lines[1:]
+    entries: list[tuple[Path, int | None]] = []
+    for lineno, line in enumerate(lines, start=1):
+        parts = line.split("\t")
+        rel = Path(parts[0].strip())
+        n: int | None = None
+        if len(parts) > 1 and parts[1].strip():
+            try:
+                n = int(parts[1])
+            except ValueError:
+                raise ValueError(f"{path}: line {lineno}: {parts[1]!r} is not a number of samples") from None
+        entries.append((rel if rel.is_absolute() else root / rel, n))
+    return entries
+
+
+
+def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> AudioSource:
+    """List the clips of a folder or manifest with their lengths, dropping short ones."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    entries: list[tuple[Path, int | None]]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+        if not files:
+            raise ValueError(f"{path}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
+        entries = [(f, None) for f in files]
+    elif p.suffix.lower() in AUDIO_EXTENSIONS:
+        entries = [(p, None)]
+    else:
+        entries = read_manifest(p)
+        if not entries:
+            raise ValueError(f"{path}: the manifest lists no audio files")
+    source = AudioSource(str(path), cfg.sample_rate, [], min_samples=cfg.min_sample_size)
+    for f, n in entries:
+        if n is None:
+            try:
+                n = _header_length(f, cfg.sample_rate)
+            except BadInputError as e:
+                if on_bad_input == "fail":
+                    raise
+                source.skipped.append(str(e))
+                continue
+        if n < cfg.min_sample_size:
+            source.too_short += 1
+            continue
+        source.clips.append(AudioClip(str(f), n))
+    if not source.clips:
+        raise ValueError(
+            f"{path}: no usable clips ({source.too_short} shorter than data.audio.min_sample_size="
+            f"{cfg.min_sample_size}, {len(source.skipped)} unreadable)"
+        )
+    return source
+
+
+def _header_length(path: Path, sample_rate: int) -> int:
+    where = str(path)
+    if not path.is_file():
+        raise BadInputError(where, "no such file")
+    try:
+        info = sf.info(where)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+        raise BadInputError(where, f"not a readable audio file ({e})") from None
+    if info.frames <= 0:
+        raise BadInputError(where, "empty audio (0 samples)")
+    return resampled_length(info.frames, info.samplerate, sample_rate)
+
+
+# ---------------------------------------------------------------------- batching
+
+
+def plan_batches(
+    sizes: np.ndarray, budget: int, seed: int, epoch: int, max_batch_size: int = 0
+) -> list[list[int]]:
+    """One epoch's batches (lists of clip indices), a pure function of (sizes, seed, epoch).
+
+    Clips are sorted by size (longest first, ties at random), cut greedily so that
+    count x longest <= budget samples (a clip longer than the budget gets a batch alone), and
+    the batches are shuffled. The batch count does not depend on the epoch.
+    """
+    rng = np.random.default_rng(sample_seed(seed, epoch, 0x7FFFFFFF))
+    order = np.lexsort((rng.permutation(len(sizes)), -sizes))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order.tolist():
+        s = int(sizes[i])
+        full = max_batch_size > 0 and len(cur) >= max_batch_size
+        if cur and (full or max(longest, s) * (len(cur) + 1) > budget):
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, s)
+    if cur:
+        batches.append(cur)
+    return [batches[j] for j in rng.permutation(len(batches)).tolist()]
+
+
+class AudioBatchSampler:
+    """Yields micro-batches of (clip index, sample seed) forever, from micro-batch `start_batch`.
+
+    With `world_size` processes, rank r reads batches r, r + world_size, ... of each epoch;
+    the epoch's last batches that do not fill every rank are dropped.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        budget: int,
+        seed: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_batch_size: int = 0,
+    ) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.budget, self.seed, self.max_batch_size = budget, seed, max_batch_size
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        total = len(plan_batches(self.sizes, budget, seed, 0, max_batch_size))
+        self.batches_per_epoch = total // world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the data makes {total} batch(es), fewer than the {world_size} processes; "
+                "lower data.audio.batch_seconds or add data"
+            )
+
+    def batch(self, k: int) -> list[tuple[int, int]]:
+        """Micro-batch k of the run."""
+        epoch, j = divmod(k, self.batches_per_epoch)
+        plan = plan_batches(self.sizes, self.budget, self.seed, epoch, self.max_batch_size)
+        return [(i, sample_seed(self.seed, epoch, i)) for i in plan[j * self.world_size + self.rank]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        k = self.start_batch
+        epoch, plan = -1, []
+        while True:
+            e, j = divmod(k, self.batches_per_epoch)
+            if e != epoch:
+                epoch, plan = e, plan_batches(self.sizes, self.budget, self.seed, e, self.max_batch_size)
+            yield [(i, sample_seed(self.seed, epoch, i)) for i in plan[j * self.world_size + self.rank]]
+            k += 1
+
+
+# ---------------------------------------------------------------------- dataset and collation
+
+
+class AudioItem(NamedTuple):
+    x: Tensor | None
+    seed: int
+    error: str | None
+
+
+class AudioDataset(Dataset[AudioItem]):
+    """Loads clip i, normalises it and crops it at random (from the sample seed) to max_sample_size."""
+
+    def __init__(self, source: AudioSource, cfg: AudioDataConfig) -> None:
+        self.source, self.cfg = source, cfg
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int]) -> AudioItem:
+        index, seed = item
+        try:
+            wav = load_audio(self.source.clips[index].path, self.cfg.sample_rate)
+        except BadInputError as e:
+            return AudioItem(None, seed, str(e))
+        if self.cfg.normalize:
+            wav = normalize_waveform(wav)
+        n, limit = len(wav), self.cfg.max_sample_size
+        if n > limit:
+            start = int(np.random.default_rng(seed).integers(0, n - limit + 1))
+            wav = wav[start : start + limit]
+        return AudioItem(torch.from_numpy(wav.copy()), seed, None)
+
+
+class AudioCollate:
+    """Crops a batch to its shortest clip (or pads it) and draws the masks for the final length."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.m = cfg.masking
+        self.num_masks = cfg.masking.num_masks if cfg.model.version == 2 else 1
+        self.conv_layers = cfg.model.audio.conv_layers
+        self.crop = cfg.data.audio.crop_to_shortest
+
+    def __call__(self, items: list[AudioItem]) -> PretrainBatch:
+        good = [it.x for it in items if it.x is not None]
+        skipped = [it.error for it in items if it.error is not None]
+        if not good:
+            return PretrainBatch(torch.empty(0), torch.empty(0, dtype=torch.bool), skipped)
+        g = batch_generator([it.seed for it in items if it.x is not None])
+        lengths = torch.tensor([len(w) for w in good])
+        padding_mask: Tensor | None = None
+        valid: Tensor | None = None
+        if self.crop:
+            n = int(lengths.min())
+            crops = []
+            for w in good:
+                start = int(torch.randint(0, len(w) - n + 1, (), generator=g))
+                crops.append(w[start : start + n])
+            x = torch.stack(crops)
+        else:
+            n = int(lengths.max())
+            x = torch.zeros(len(good), n)
+            for i, w in enumerate(good):
+                x[i, : len(w)] = w
+            padding_mask = torch.arange(n)[None, :] >= lengths[:, None]
+            if bool(padding_mask.any()):
+                valid = conv_output_lengths(lengths, self.conv_layers)
+            else:
+                padding_mask = None
+        frames = conv_output_length(n, self.conv_layers)
+        m = self.m
+        mask = draw_masks(
+            m.kind,
+            len(good),
+            (1, frames),
+            m.mask_prob,
+            generator=g,
+            num_masks=self.num_masks,
+            mask_length=m.mask_length,
+            mask_prob_adjust=m.mask_prob_adjust,
+            min_block_patches=m.min_block_patches,
+            valid_lengths=valid,
+        )
+        return PretrainBatch(x, mask, skipped, padding_mask)
+
+
+class AudioBatches(Iterator[PretrainBatch]):
+    """The loader's batches; adds the files skipped while scanning to the first batch and, with
+    on_bad_input=fail, raises BadInputError for a file that could not be decoded."""
+
+    def __init__(self, it: Iterator[PretrainBatch], source: AudioSource, on_bad_input: str) -> None:
+        self._it, self.source, self.on_bad_input = it, source, on_bad_input
+        self._pending = list(source.skipped)
+        self.notes = source.notes()
+
+    def __next__(self) -> PretrainBatch:
+        b = next(self._it)
+        if b.skipped and self.on_bad_input == "fail":
+            msg = b.skipped[0]
+            path = next((c.path for c in self.source.clips if msg.startswith(c.path + ": ")), "")
+            raise BadInputError(path, msg[len(path) + 2 :]) if path else BadInputError(msg, "unreadable")
+        if self._pending:
+            b = b._replace(skipped=self._pending + b.skipped)
+            self._pending = []
+        return b
+
+
+def audio_source_for(cfg: RunConfig) -> AudioSource:
+    if not cfg.data.path:
+        raise FileNotFoundError("data.path: no data given (pass --data PATH)")
+    return scan_audio(cfg.data.path, cfg.data.audio, cfg.data.on_bad_input)
+
+
+def check_frames(cfg: RunConfig) -> None:
+    frames = conv_output_length(cfg.data.audio.min_sample_size, cfg.model.audio.conv_layers)
+    if frames < 2:
+        raise ValueError(
+            f"data.audio.min_sample_size: {cfg.data.audio.min_sample_size} samples give {frames} frame(s) "
+            "after the CNN; raise it"
+        )
+
+
+class AudioPipeline:
+    """`PretrainPipeline` for speech."""
+
+    def check(self, cfg: RunConfig) -> None:
+        check_frames(cfg)
+        audio_source_for(cfg)
+
+    def prepare(self, cfg: RunConfig, run_dir: Path) -> RunConfig:
+        return cfg
+
+    def loader(self, cfg: RunConfig, start_batch: int, rank: int, world_size: int) -> tuple[AudioBatches, int]:
+        check_frames(cfg)
+        source = audio_source_for(cfg)
+        acfg = cfg.data.audio
+        sampler = AudioBatchSampler(
+            [min(c.samples, acfg.max_sample_size) for c in source.clips],
+            budget=int(acfg.batch_seconds * acfg.sample_rate),
+            seed=cfg.train.seed,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world_size,
+            max_batch_size=acfg.max_batch_size,
+        )
+        loader_kwargs: dict[str, Any] = {}
+        if cfg.data.num_workers > 0:
+            loader_kwargs = {"persistent_workers": True, "prefetch_factor": 4}
+        loader = DataLoader(
+            AudioDataset(source, acfg),
+            batch_sampler=sampler,
+            collate_fn=AudioCollate(cfg),
+            num_workers=cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            **loader_kwargs,
+        )
+        return AudioBatches(iter(loader), source, cfg.data.on_bad_input), len(source)
