@@ -33,7 +33,13 @@ def audio_config(version: int, **sections: Any) -> RunConfig:
                 "input_norm": True,
                 "position_bias": "shared" if v2 else "none",
             },
-            "audio": {"conv_layers": CONV, "pos_conv_depth": 2, "pos_conv_kernel": 6, "pos_conv_groups": 4, "alibi": v2},
+            "audio": {
+                "conv_layers": CONV,
+                "pos_conv_depth": 2,
+                "pos_conv_kernel": 6,
+                "pos_conv_groups": 4,
+                "alibi": v2,
+            },
             "decoder": {"dim": 16, "layers": 2, "groups": 4, "kernel_size": 3},
         },
         "masking": {

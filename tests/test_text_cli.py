@@ -49,8 +49,8 @@ def test_pretrain_text_tiny_two_steps(capsys: pytest.CaptureFixture[str], tmp_pa
     data = _corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     args = ["pretrain", "--modality", "text", "--data", str(data), "--preset", "text-tiny", "--version", str(version)]
-    sets = _sets([*SHRINK, "train.steps=2", "data.on_bad_input=skip"])
-    assert main([*args, *sets, "--out", str(run), "--no-progress"]) == 0
+    sets = _sets([*SHRINK, "train.steps=2"])
+    assert main([*args, *sets, "--on-bad-input", "skip", "--out", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "finished at step 2" in out and "skipped 1 bad input" in out
     cfg = RunConfig.load(run / "config.json")

@@ -32,7 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--data",
         help="images: folder, tar shard(s) (file, folder or glob) or builtin:digits; "
-        "audio: folder of wav/flac/ogg or a manifest TSV",
+        "audio: folder of wav/flac/ogg or a manifest TSV; "
+        "text: .txt/.jsonl/.tsv file or a folder of them",
+    )
+    pre.add_argument(
+        "--on-bad-input",
+        choices=["skip", "fail"],
+        help="a bad data file (unreadable, empty, not UTF-8, ...): stop with a message naming it (fail) "
+        "or skip it and count it in the run's summary (skip); sets data.on_bad_input (default fail)",
     )
     pre.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     pre.add_argument("--version", type=int, choices=[1, 2], default=2, help="data2vec 1.0 or 2.0 (default 2)")
@@ -82,6 +89,8 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"modality: --modality {args.modality} but the config is for {cfg.model.modality}")
     if args.data:
         cfg = replace(cfg, data=replace(cfg.data, path=args.data))
+    if args.on_bad_input:
+        cfg = replace(cfg, data=replace(cfg.data, on_bad_input=args.on_bad_input))
     cfg = apply_overrides(cfg, args.overrides)
     if not cfg.data.path:
         raise ConfigError("data.path: no data given (pass --data PATH)")
@@ -95,7 +104,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from data2vec.train import train
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data:
+        if args.preset or args.config or args.overrides or args.data or args.on_bad_input:
             raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
         result = train(
             RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress, stop_after=args.stop_after
@@ -128,7 +137,11 @@ def _demo(args: argparse.Namespace) -> int:
         module, func = DEMOS[name].split(":")
         run = getattr(importlib.import_module(module), func)
         out = Path(args.out) / name if len(names) > 1 else Path(args.out)
-        r = run(out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+        try:
+            r = run(out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+        except ImportError as e:  # a demo whose optional extra is not installed (e.g. speech)
+            print(f"data2vec: {name} demo: {e}", file=sys.stderr)
+            return 2
         reports.append(r.report(args.version))
     print()
     print("\n\n".join(reports))

@@ -142,5 +142,6 @@ def run_demo(
 # and returns a DemoResult. Imported lazily so one modality's extras are not needed by another.
 DEMOS: dict[str, str] = {
     "image": "data2vec.demo:run_demo",
+    "audio": "data2vec.demo_audio:run_demo",
     "text": "data2vec.demo_text:run_demo",
 }

@@ -53,8 +53,8 @@ COMMANDS = (
     "off on one right seven sheila six stop three tree two up visual wow yes zero"
 ).split()
 
-# Everyday English words for the pretraining sentences (the command words are among them too).
-VOCABULARY = (
+# Everyday English words for the pretraining sentences (the command words are added below).
+_EVERYDAY = (
     "the a an and or but if then because when where while after before about above across again against all "
     "almost along also always among another any around away back be been being below between both bring "
     "build call came can carry change children city close cold come could country cover cut dark day did "
@@ -77,6 +77,7 @@ VOCABULARY = (
     "way we weather week well went were what wheel white who whole why wind window winter with without woman "
     "wonder wood word work world would write year young"
 ).split()
+VOCABULARY = sorted(set(_EVERYDAY) | set(COMMANDS))
 
 BASE_VOICES = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
 # eSpeak NG voice variants (formant and pitch sets). The probe's test voices use the last ones only.
@@ -94,6 +95,8 @@ class SynthSpec:
     sentences: int = 500
     train_voices: int = 72
     test_voices: int = 24
+    snr_db: tuple[float, float] = (0.0, 20.0)
+    """Background noise in the pretraining sentences (the probe adds its own)."""
     seed: int = 0
 
     def key(self) -> str:
@@ -120,7 +123,9 @@ def plan_synthesis(spec: SynthSpec) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = []
     for i in range(spec.sentences):
         words = rng.choice(VOCABULARY, size=int(rng.integers(6, 15)))
-        jobs.append({"file": f"pretrain/s{i:05d}.wav", "text": " ".join(words), **_voice(rng, TRAIN_VARIANTS)})
+        voice = _voice(rng, TRAIN_VARIANTS)
+        snr = float(rng.uniform(*spec.snr_db))
+        jobs.append({"file": f"pretrain/s{i:05d}.wav", "text": " ".join(words), "snr": snr, **voice})
     voices = []
     for split, n, variants in (("train", spec.train_voices, TRAIN_VARIANTS), ("test", spec.test_voices, TEST_VARIANTS)):
         for _ in range(n):
@@ -196,6 +201,20 @@ def _trim(wav: np.ndarray, rel: float = 0.02) -> np.ndarray:
     return wav[loud[0] : loud[-1] + 1] if len(loud) else wav
 
 
+def add_noise(wav: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """wav plus a random mix of white and brown noise at `snr_db` (relative to wav's mean power)."""
+    n = len(wav)
+    white = rng.standard_normal(n)
+    brown = np.cumsum(rng.standard_normal(n))
+    brown = (brown - brown.mean()) / (brown.std() + 1e-9)
+    mix = rng.uniform(0, 1)
+    noise = mix * white + (1 - mix) * brown
+    power = float(np.mean(wav.astype(np.float64) ** 2)) + 1e-12
+    noise *= np.sqrt(power / 10 ** (snr_db / 10) / np.mean(noise**2))
+    out: np.ndarray = wav + noise
+    return out
+
+
 def _synthesize_all(plan: dict[str, Any], out: Path) -> None:
     """Runs in a fresh process: every job in order, each after SetRandSeed(its index)."""
     import soxr
@@ -207,6 +226,9 @@ def _synthesize_all(plan: dict[str, Any], out: Path) -> None:
         if job.get("trim"):
             wav = _trim(wav)
         wav = soxr.resample(wav, tts.rate, SAMPLE_RATE)
+        if "snr" in job:
+            wav = add_noise(wav, job["snr"], np.random.default_rng(i))
+            wav = (0.5 * wav / max(float(np.abs(wav).max()), 1e-9)).astype(np.float32)
         path = out / job["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
@@ -259,16 +281,11 @@ def probe_set(corpus: Path, seed: int = 0, snr_db: tuple[float, float] = (-5.0, 
                 cut = (len(word) - CLIP_SAMPLES) // 2
                 word = word[cut : cut + CLIP_SAMPLES]
             start = int(rng.integers(0, CLIP_SAMPLES - len(word) + 1))
-            white = rng.standard_normal(CLIP_SAMPLES)
-            brown = np.cumsum(rng.standard_normal(CLIP_SAMPLES))
-            brown = (brown - brown.mean()) / (brown.std() + 1e-9)
-            mix = rng.uniform(0, 1)
-            noise = mix * white + (1 - mix) * brown
-            snr = rng.uniform(*snr_db)
-            power = float(np.mean(word.astype(np.float64) ** 2)) + 1e-12
-            noise *= np.sqrt(power / 10 ** (snr / 10) / np.mean(noise**2))
-            clip = noise
-            clip[start : start + len(word)] += word
+            placed = np.zeros(CLIP_SAMPLES, dtype=np.float32)
+            placed[start : start + len(word)] = word
+            # the SNR is relative to the word's own power, not the (mostly empty) clip's
+            snr = float(rng.uniform(*snr_db)) - 10 * np.log10(CLIP_SAMPLES / len(word))
+            clip = add_noise(placed, snr, rng)
             clips.append(normalize_waveform(clip.astype(np.float32)))
             labels.append(w)
             is_train.append(voice["split"] == "train")
@@ -297,7 +314,8 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None, :] - lo) / (mid - lo)
     down = (hi - freqs[None, :]) / (hi - mid)
-    return np.maximum(0.0, np.minimum(up, down))
+    out: np.ndarray = np.maximum(0.0, np.minimum(up, down))
+    return out
 
 
 @torch.no_grad()

@@ -132,9 +132,7 @@ def audio_large_v2() -> RunConfig:
         teacher=TeacherConfig(ema_scope="context", decay=0.9997, end_decay=1.0, anneal_steps=300_000),
         targets=TargetConfig(top_k=16, layer_source="ffn", layer_norm="instance", final_norm="none"),
         loss=LossConfig(beta=0.0, scale="rsqrt_dim"),
-        optim=OptimConfig(
-            lr=4e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, warmup_steps=10_000, clip_grad=1.0
-        ),
+        optim=OptimConfig(lr=4e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, warmup_steps=10_000, clip_grad=1.0),
         data=_data(320_000),
         train=TrainConfig(steps=600_000),
     )
@@ -151,9 +149,18 @@ def _tiny(cfg: RunConfig) -> RunConfig:
     model = replace(
         cfg.model,
         encoder=replace(
-            cfg.model.encoder, dim=192, depth=4, prenet_depth=0, num_heads=4, dropout=0.0, attn_dropout=0.0, layerdrop=0.0
+            cfg.model.encoder,
+            dim=192,
+            depth=4,
+            prenet_depth=0,
+            num_heads=4,
+            dropout=0.0,
+            attn_dropout=0.0,
+            layerdrop=0.0,
         ),
-        audio=replace(cfg.model.audio, conv_layers=_TINY_CONV, pos_conv_depth=2, pos_conv_kernel=19, pos_conv_groups=16),
+        audio=replace(
+            cfg.model.audio, conv_layers=_TINY_CONV, pos_conv_depth=2, pos_conv_kernel=19, pos_conv_groups=16
+        ),
         decoder=replace(cfg.model.decoder, dim=192, kernel_size=7, groups=16, layers=2, input_dropout=0.0),
     )
     return replace(
@@ -164,7 +171,7 @@ def _tiny(cfg: RunConfig) -> RunConfig:
         optim=replace(cfg.optim, lr=1e-3, warmup_steps=50, clip_grad=1.0),
         data=replace(
             cfg.data,
-            num_workers=1,
+            num_workers=0,  # with 2-4 cores a loader process slows the model more than it helps
             audio=replace(
                 cfg.data.audio, max_sample_size=48_000, min_sample_size=4_000, batch_seconds=24.0, max_batch_size=16
             ),

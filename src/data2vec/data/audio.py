@@ -68,8 +68,8 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 def normalize_waveform(wav: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """Zero mean, unit variance over the whole utterance (fairseq: F.layer_norm over the waveform)."""
     w = wav.astype(np.float64)
-    out = (w - w.mean()) / math.sqrt(w.var() + eps)
-    return out.astype(np.float32)
+    out: np.ndarray = ((w - w.mean()) / math.sqrt(w.var() + eps)).astype(np.float32)
+    return out
 
 
 def resampled_length(frames: int, rate: int, sample_rate: int) -> int:
@@ -142,7 +142,6 @@ def read_manifest(path: Path) -> list[tuple[Path, int | None]]:
     return entries
 
 
-
 def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> AudioSource:
     """List the clips of a folder or manifest with their lengths, dropping short ones."""
     p = Path(path)
@@ -198,9 +197,7 @@ def _header_length(path: Path, sample_rate: int) -> int:
 # ---------------------------------------------------------------------- batching
 
 
-def plan_batches(
-    sizes: np.ndarray, budget: int, seed: int, epoch: int, max_batch_size: int = 0
-) -> list[list[int]]:
+def plan_batches(sizes: np.ndarray, budget: int, seed: int, epoch: int, max_batch_size: int = 0) -> list[list[int]]:
     """One epoch's batches (lists of clip indices), a pure function of (sizes, seed, epoch).
 
     Clips are sorted by size (longest first, ties at random), cut greedily so that

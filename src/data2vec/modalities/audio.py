@@ -80,12 +80,11 @@ class ConvFeatureExtractor(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for layer in self.layers:
-            conv = layer[0]
-            assert isinstance(conv, nn.Conv1d)
-            nn.init.kaiming_normal_(conv.weight)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv1d):
+                nn.init.kaiming_normal_(conv.weight)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
 
     def forward(self, wav: Tensor) -> Tensor:
         """(B, L) -> (B, C, T)."""
@@ -129,7 +128,9 @@ class ConvPositions(nn.Module):
 
     def __init__(self, dim: int, depth: int, kernel: int, groups: int) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth)
+        )
         self.trim = 1 if kernel % 2 == 0 else 0
         self.dim = dim
 
@@ -197,11 +198,19 @@ class AudioFrontend(Frontend):
             if acfg.pos_conv_depth > 0
             else None
         )
-        self.context = ContextEncoder(dim, num_prefix=0, positional=positional, mask_token=cfg.version == 1, dropout=0.0)
+        self.context = ContextEncoder(
+            dim, num_prefix=0, positional=positional, mask_token=cfg.version == 1, dropout=0.0
+        )
+
+    @property
+    def audio_local(self) -> AudioLocal:
+        local = self.local
+        assert isinstance(local, AudioLocal)
+        return local
 
     @property
     def conv_layers(self) -> tuple[tuple[int, int, int], ...]:
-        return self.local.cnn.conv_layers
+        return self.audio_local.cnn.conv_layers
 
     def make_position_bias(self) -> nn.Module | None:
         return AlibiBias(self.num_heads) if self.alibi else None
@@ -209,7 +218,7 @@ class AudioFrontend(Frontend):
     def reset_parameters(self) -> None:
         # The CNN keeps kaiming-normal weights and the projection PyTorch's default Linear init
         # (fairseq never applies the BERT init to them); the 1.0 mask vector is uniform(0, 1).
-        self.local.cnn.reset_parameters()
-        self.local.proj.reset_parameters()
+        self.audio_local.cnn.reset_parameters()
+        self.audio_local.proj.reset_parameters()
         if self.context.mask_emb is not None:
             nn.init.uniform_(self.context.mask_emb)
