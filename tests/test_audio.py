@@ -244,8 +244,8 @@ def test_teacher_scopes_follow_the_official_sharing() -> None:
 
 def test_front_end_initialisation() -> None:
     model = build(1, model={"encoder": {"dim": 256, "num_heads": 4}})
-    mask_emb = model.frontend.context.mask_emb
-    assert mask_emb is not None
+    assert model.frontend.context.mask_emb is not None
+    mask_emb = model.frontend.context.mask_emb.detach()
     assert float(mask_emb.min()) >= 0 and float(mask_emb.max()) <= 1 and float(mask_emb.mean()) > 0.3  # uniform(0, 1)
     conv = model.frontend.local.cnn.layers[1][0].weight  # kaiming normal: std sqrt(2 / fan_in)
     fan_in = conv.shape[1] * conv.shape[2]
@@ -332,9 +332,8 @@ def test_audio_presets_hold_the_official_numbers() -> None:
         preset("audio-large", 1)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_audio_base_builds_at_full_size(version: int) -> None:
-    cfg = preset("audio-base", version)
+def test_audio_base_builds_at_full_size() -> None:
+    cfg = preset("audio-base", 2)
     torch.manual_seed(0)
     model = Data2Vec.from_config(cfg)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -138,7 +138,9 @@ def _demo(args: argparse.Namespace) -> int:
         run = getattr(importlib.import_module(module), func)
         out = Path(args.out) / name if len(names) > 1 else Path(args.out)
         try:
-            r = run(out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+            r = run(
+                out, version=args.version, steps=args.steps, overrides=args.overrides, progress=not args.no_progress
+            )
         except ImportError as e:  # a demo whose optional extra is not installed (e.g. speech)
             print(f"data2vec: {name} demo: {e}", file=sys.stderr)
             return 2

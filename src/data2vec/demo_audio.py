@@ -19,7 +19,6 @@ result is cached under the user cache folder ($XDG_CACHE_HOME or ~/.cache,
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -36,12 +35,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from data2vec import speech_synth
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.audio import normalize_waveform
 from data2vec.demo import DemoResult
 from data2vec.model import Data2Vec
 from data2vec.presets import preset
 from data2vec.probe import linear_probe
+from data2vec.speech_synth import add_noise
 from data2vec.train import train
 
 CACHE_NAME = "speech-demo-v1"
@@ -137,103 +138,6 @@ def plan_synthesis(spec: SynthSpec) -> dict[str, Any]:
     return {"jobs": jobs, "voices": voices, "words": list(COMMANDS)}
 
 
-# ---------------------------------------------------------------------- eSpeak NG (subprocess side)
-
-
-class _Espeak:
-    """The few eSpeak NG calls the demo needs, via ctypes on the library espeakng-loader ships."""
-
-    SYNCHRONOUS = 2
-    DONT_EXIT = 0x8000
-    RATE, PITCH = 1, 3
-
-    def __init__(self) -> None:
-        import espeakng_loader
-
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_uint,
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_uint,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        self.lib = lib
-        self.rate = lib.espeak_Initialize(self.SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), self.DONT_EXIT)
-        if self.rate <= 0:
-            raise RuntimeError("eSpeak NG failed to initialise")
-        self._chunks: list[np.ndarray] = []
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-        self._callback = callback_type(self._collect)  # keep a reference: the library calls it
-        lib.espeak_SetSynthCallback(self._callback)
-
-    def _collect(self, wav: Any, n: int, events: Any) -> int:
-        if n > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
-
-    def speak(self, text: str, voice: str, variant: str, pitch: int, rate: int, seed: int) -> np.ndarray:
-        """int16 samples at `self.rate` Hz."""
-        name = f"{voice}+{variant}".encode()
-        if self.lib.espeak_SetVoiceByName(name) != 0:
-            raise RuntimeError(f"eSpeak NG has no voice {name.decode()!r}")
-        self.lib.espeak_SetParameter(self.RATE, rate, 0)
-        self.lib.espeak_SetParameter(self.PITCH, pitch, 0)
-        self.lib.espeak_ng_SetRandSeed(seed)
-        self._chunks = []
-        data = text.encode() + b"\0"
-        if self.lib.espeak_Synth(data, len(data), 0, 0, 0, 0, None, None) != 0:
-            raise RuntimeError(f"eSpeak NG could not synthesise {text!r}")
-        self.lib.espeak_Synchronize()
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int16)
-
-
-def _trim(wav: np.ndarray, rel: float = 0.02) -> np.ndarray:
-    """Drop leading and trailing near-silence."""
-    loud = np.flatnonzero(np.abs(wav) > rel * max(float(np.abs(wav).max()), 1e-9))
-    return wav[loud[0] : loud[-1] + 1] if len(loud) else wav
-
-
-def add_noise(wav: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """wav plus a random mix of white and brown noise at `snr_db` (relative to wav's mean power)."""
-    n = len(wav)
-    white = rng.standard_normal(n)
-    brown = np.cumsum(rng.standard_normal(n))
-    brown = (brown - brown.mean()) / (brown.std() + 1e-9)
-    mix = rng.uniform(0, 1)
-    noise = mix * white + (1 - mix) * brown
-    power = float(np.mean(wav.astype(np.float64) ** 2)) + 1e-12
-    noise *= np.sqrt(power / 10 ** (snr_db / 10) / np.mean(noise**2))
-    out: np.ndarray = wav + noise
-    return out
-
-
-def _synthesize_all(plan: dict[str, Any], out: Path) -> None:
-    """Runs in a fresh process: every job in order, each after SetRandSeed(its index)."""
-    import soxr
-
-    tts = _Espeak()
-    for i, job in enumerate(plan["jobs"]):
-        pcm = tts.speak(job["text"], job["voice"], job["variant"], job["pitch"], job["rate"], seed=i)
-        wav = pcm.astype(np.float32) / 32768.0
-        if job.get("trim"):
-            wav = _trim(wav)
-        wav = soxr.resample(wav, tts.rate, SAMPLE_RATE)
-        if "snr" in job:
-            wav = add_noise(wav, job["snr"], np.random.default_rng(i))
-            wav = (0.5 * wav / max(float(np.abs(wav).max()), 1e-9)).astype(np.float32)
-        path = out / job["file"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
-
-
 def synthesize(spec: SynthSpec, root: Path | None = None, quiet: bool = False) -> Path:
     """The cached synthetic corpus for `spec`, synthesising it first if needed."""
     root = root or cache_root()
@@ -253,7 +157,9 @@ def synthesize(spec: SynthSpec, root: Path | None = None, quiet: bool = False) -
         (tmp / "plan.json.in").write_text(json.dumps(plan))
         if not quiet:
             print(f"synthesising {len(plan['jobs'])} utterances with eSpeak NG into {out} (once) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "data2vec.demo_audio", "synthesize", str(tmp)], check=True)
+        # A fresh interpreter running the synthesis file on its own (it imports no torch).
+        script = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        subprocess.run([sys.executable, "-c", script, str(Path(speech_synth.__file__)), str(tmp)], check=True)
         (tmp / "plan.json.in").rename(tmp / "plan.json")  # marks the entry complete
         try:
             tmp.rename(out)
@@ -339,11 +245,21 @@ DEMO_LAYERS = 2
 """The probe reads the average of the last DEMO_LAYERS blocks (the same rule for every encoder)."""
 
 
-def demo_config(corpus: Path, version: int = 2, steps: int = 600, overrides: list[str] | None = None) -> RunConfig:
+DEMO_STEPS = 800
+DEMO_CONV = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
+"""audio-tiny's CNN at half width: the CNN is most of a CPU step, and more steps pay off more."""
+
+
+def demo_config(
+    corpus: Path, version: int = 2, steps: int = DEMO_STEPS, overrides: list[str] | None = None
+) -> RunConfig:
     cfg = preset("audio-tiny", version)
     cfg = replace(
         cfg,
-        data=replace(cfg.data, path=str(corpus / "pretrain"), num_workers=1),
+        model=replace(cfg.model, audio=replace(cfg.model.audio, conv_layers=DEMO_CONV)),
+        # A quicker teacher for a short run: it starts tracking the student within ~100 steps.
+        teacher=replace(cfg.teacher, decay=0.99, end_decay=0.999),
+        data=replace(cfg.data, path=str(corpus / "pretrain"), num_workers=0),
         train=replace(cfg.train, steps=steps, ckpt_every=max(1, steps // 2), log_every=1),
         optim=replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps // 10)),
         preset=f"speech-demo@v{version}",
@@ -366,7 +282,7 @@ def run_demo(
     spec = spec or SynthSpec()
     corpus = synthesize(spec, cache_dir, quiet=quiet)
     t_synth = time.perf_counter() - t0
-    cfg = demo_config(corpus, version, steps or 600, overrides)
+    cfg = demo_config(corpus, version, steps or DEMO_STEPS, overrides)
 
     torch.manual_seed(cfg.train.seed)
     random_model = Data2Vec.from_config(cfg)  # the weights the run starts from
@@ -408,18 +324,3 @@ def run_demo(
         out,
         seconds,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m data2vec.demo_audio synthesize DIR`: the synthesis subprocess."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "synthesize":
-        print("usage: python -m data2vec.demo_audio synthesize DIR", file=sys.stderr)
-        return 2
-    out = Path(args[1])
-    _synthesize_all(json.loads((out / "plan.json.in").read_text()), out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

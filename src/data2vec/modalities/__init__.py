@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from data2vec.config import ModelConfig
-from data2vec.modalities.base import ContextEncoder, EncoderInput, Frontend, LocalEncoder, Tokens
 from data2vec.modalities.audio import AudioFrontend
+from data2vec.modalities.base import ContextEncoder, EncoderInput, Frontend, LocalEncoder, Tokens
 from data2vec.modalities.image import ImageFrontend
 from data2vec.modalities.text import TextFrontend
 
