@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.test_train import TINY
 
 from data2vec.cli import main
 from data2vec.data.images import BadInputError, ImageFolderSource, PretrainTransform, TarShardSource
-from tests.test_train import TINY
 
 TINY_NO_DATA = [s for s in TINY if not s.startswith("data.path=")]
 
@@ -111,15 +111,33 @@ def _corpus(tmp_path: Path) -> Path:
 
 def test_pretrain_skips_and_lists_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _corpus(tmp_path)
-    sets = [a for s in [*TINY_NO_DATA, "train.steps=12", "train.ckpt_every=6", "data.on_bad_input=skip"] for a in ("--set", s)]
-    code = main(["pretrain", "--preset", "digits-tiny", "--data", str(data), "--no-progress", *sets,
-                 "--out", str(tmp_path / "run")])
+    sets = [
+        a
+        for s in [*TINY_NO_DATA, "train.steps=12", "train.ckpt_every=6", "data.on_bad_input=skip"]
+        for a in ("--set", s)
+    ]
+    code = main(
+        [
+            "pretrain",
+            "--preset",
+            "digits-tiny",
+            "--data",
+            str(data),
+            "--no-progress",
+            *sets,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # 41 files, 4 broken; 12 steps x 8 = 96 samples read, so every file is seen at least twice.
     assert summary["skipped_inputs"] == 4
     assert {Path(f.split(":")[0]).name for f in summary["skipped_input_files"]} == {
-        "empty.png", "notes.jpg", "truncated.jpg", "garbage.webp",
+        "empty.png",
+        "notes.jpg",
+        "truncated.jpg",
+        "garbage.webp",
     }
     assert "skipped 4 bad input file(s)" in capsys.readouterr().out
 
@@ -129,8 +147,19 @@ def test_pretrain_fails_on_first_bad_file_and_keeps_progress(
 ) -> None:
     data = _corpus(tmp_path)
     sets = [a for s in [*TINY_NO_DATA, "train.steps=12", "train.ckpt_every=100"] for a in ("--set", s)]
-    code = main(["pretrain", "--preset", "digits-tiny", "--data", str(data), "--no-progress", *sets,
-                 "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "pretrain",
+            "--preset",
+            "digits-tiny",
+            "--data",
+            str(data),
+            "--no-progress",
+            *sets,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "data.on_bad_input=skip" in err

@@ -44,7 +44,10 @@ def test_image_base_v2_official_numbers() -> None:
     assert (cfg.targets.top_k, cfg.targets.layer_norm, cfg.targets.final_norm) == (10, "instance", "layer")
     assert (cfg.teacher.decay, cfg.teacher.end_decay, cfg.teacher.anneal_steps) == (0.9998, 0.99999, 100_000)
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.warmup_steps, cfg.train.steps) == (
-        1e-3, (0.9, 0.95), 50_040, 375_300,
+        1e-3,
+        (0.9, 0.95),
+        50_040,
+        375_300,
     )
     assert cfg.loss.cls_weight == pytest.approx(0.01 * 16 * 16)
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.test_train import TINY, tiny_run_config
 
 import data2vec.checkpoint as checkpoint_module
 import data2vec.model as model_module
 from data2vec.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, safe_torch_load
 from data2vec.train import TrainingStopped, train
-from tests.test_train import TINY, tiny_run_config
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -128,8 +128,13 @@ def _collapse_at_calls(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> 
 def test_collapse_rewind_lowers_lr_and_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _collapse_at_calls(monkeypatch, {4})  # the 4th forward pass collapses, once
     cfg = tiny_run_config(
-        2, "train.steps=6", "train.ckpt_every=2", "train.collapse_after=1", "train.on_collapse=rewind",
-        "train.rewind_lr_factor=0.5", "train.min_target_std=0.1",
+        2,
+        "train.steps=6",
+        "train.ckpt_every=2",
+        "train.collapse_after=1",
+        "train.on_collapse=rewind",
+        "train.rewind_lr_factor=0.5",
+        "train.min_target_std=0.1",
     )
     result = train(cfg, tmp_path / "run", progress=False, quiet=True)
     assert result.step == 6
@@ -144,8 +149,13 @@ def test_collapse_rewind_lowers_lr_and_finishes(tmp_path: Path, monkeypatch: pyt
 def test_collapse_rewinds_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _collapse_at_calls(monkeypatch, set(range(3, 100)))  # collapses every step from the third on
     cfg = tiny_run_config(
-        2, "train.steps=8", "train.ckpt_every=2", "train.collapse_after=1", "train.on_collapse=rewind",
-        "train.max_rewinds=2", "train.min_target_std=0.1",
+        2,
+        "train.steps=8",
+        "train.ckpt_every=2",
+        "train.collapse_after=1",
+        "train.on_collapse=rewind",
+        "train.max_rewinds=2",
+        "train.min_target_std=0.1",
     )
     with pytest.raises(TrainingStopped, match="collapse"):
         train(cfg, tmp_path / "run", progress=False, quiet=True)
@@ -212,8 +222,11 @@ def test_sigkill_at_five_random_moments_then_resume_is_bit_identical(tmp_path: P
     rng = random.Random(1234)
     kills = []
     for i in range(5):
-        args = [*cmd, "--out", str(run)] if i == 0 else [sys.executable, "-m", "data2vec", "pretrain",
-                                                         "--resume", str(run), "--no-progress"]
+        args = (
+            [*cmd, "--out", str(run)]
+            if i == 0
+            else [sys.executable, "-m", "data2vec", "pretrain", "--resume", str(run), "--no-progress"]
+        )
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _wait(lambda: (run / "config.json").exists(), 60)
         if i == 2:  # one kill aimed at the middle of a save
@@ -226,8 +239,12 @@ def test_sigkill_at_five_random_moments_then_resume_is_bit_identical(tmp_path: P
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append((where, [p.name for p in list_checkpoints(run)]))
-    subprocess.run([sys.executable, "-m", "data2vec", "pretrain", "--resume", str(run), "--no-progress"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "data2vec", "pretrain", "--resume", str(run), "--no-progress"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     clean = tmp_path / "clean"
     subprocess.run([*cmd, "--out", str(clean)], env=env, check=True, capture_output=True)
     for name in ("student.safetensors", "teacher.safetensors"):
