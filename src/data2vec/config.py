@@ -57,8 +57,11 @@ class EncoderConfig:
     """'qv' = bias on query and value only (BEiT)."""
     layer_scale_init: float = 0.0
     """LayerScale init value for pre-LN blocks; 0 disables LayerScale."""
-    position_bias: Literal["none", "shared", "per_layer"] = "none"
-    """Attention bias from the front-end (relative positions / ALiBi): one for all blocks or one per block."""
+    position_bias: Literal["none", "shared", "per_layer", "both"] = "none"
+    """Attention bias from the front-end (relative positions / ALiBi): one for all blocks, one per block,
+    or both summed (transformers' Data2VecVision with both relative-bias flags on)."""
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+    """MLP activation: exact (erf) GELU as in every data2vec model; the others exist for imported models."""
     input_norm: bool = False
     """LayerNorm on the encoder input (post-LN models)."""
     final_norm: bool = False
@@ -98,9 +101,14 @@ class ImageConfig:
     """(height, width) in pixels."""
     patch_size: int = 16
     channels: int = 3
-    positions: Literal["none", "sincos"] = "none"
-    """Absolute positions added to patch tokens: fixed 2-D sin-cos (2.0) or none (1.0 uses relative bias)."""
+    positions: Literal["none", "sincos", "learned"] = "none"
+    """Absolute positions added to patch tokens: fixed 2-D sin-cos (2.0), none (1.0 uses relative bias),
+    or a learned table (BEiT's optional absolute embeddings; the CLS slot is folded into the CLS token)."""
     cls_token: bool = True
+    rel_pos_hf_resample: bool = False
+    """Reproduce transformers' Data2VecVision relative-position table on a non-square grid: it reads the
+    table as (2W-1, 2H-1) and bilinearly resizes it to (2H-1, 2W-1) on every forward. Set only for models
+    imported from transformers; no effect on square grids."""
 
     def validate(self, key: str) -> None:
         h, w = self.image_size
@@ -125,9 +133,14 @@ class AudioConfig:
     conv_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
     """(channels, kernel, stride) per CNN layer."""
     conv_bias: bool = False
+    proj_norm_eps: float = 1e-5
+    """Epsilon of the LayerNorm on the CNN features, before the projection."""
     pos_conv_depth: int = 5
     pos_conv_kernel: int = 19
     pos_conv_groups: int = 16
+    pos_conv_zero_padding: Literal["each_layer", "input"] = "each_layer"
+    """Zero padded frames before every positional conv layer (a padded batch then gives valid frames exactly
+    what each utterance gets alone) or only at the stack's input (fairseq, transformers)."""
     alibi: bool = False
     """ALiBi attention bias with a learned per-head scale (data2vec 2.0 speech); needs
     model.encoder.position_bias 'shared' (the official setting) or 'per_layer'."""
@@ -139,6 +152,7 @@ class AudioConfig:
         _check(self.pos_conv_depth >= 0, f"{key}.pos_conv_depth", "must be >= 0")
         _check(self.pos_conv_kernel > 0, f"{key}.pos_conv_kernel", "must be positive")
         _check(self.pos_conv_groups > 0, f"{key}.pos_conv_groups", "must be positive")
+        _check(self.proj_norm_eps > 0, f"{key}.proj_norm_eps", "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +169,11 @@ class TextConfig:
     unk_id: int = 3
     embed_dropout: float = 0.1
     """Dropout after the embedding LayerNorm (student only; the teacher pass is clean)."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of the embedding LayerNorm."""
+    type_vocab_size: int = 0
+    """Rows of a token-type embedding table (RoBERTa/BERT checkpoints); row 0 is added to every token.
+    0 = no such table."""
 
     def validate(self, key: str) -> None:
         _check(self.vocab_size > 0, f"{key}.vocab_size", "must be positive")
@@ -162,6 +181,8 @@ class TextConfig:
         for name in ("pad_id", "bos_id", "eos_id", "mask_id", "unk_id"):
             _check(0 <= getattr(self, name) < self.vocab_size, f"{key}.{name}", "must be a valid token id")
         _check(0.0 <= self.embed_dropout < 1.0, f"{key}.embed_dropout", "must be in [0, 1)")
+        _check(self.layer_norm_eps > 0, f"{key}.layer_norm_eps", "must be positive")
+        _check(self.type_vocab_size >= 0, f"{key}.type_vocab_size", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

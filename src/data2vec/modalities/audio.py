@@ -97,11 +97,13 @@ class ConvFeatureExtractor(nn.Module):
 class AudioLocal(LocalEncoder):
     """(B, L) waveform (+ (B, L) sample padding) -> Tokens((B, T, D), (B, T) frame padding)."""
 
-    def __init__(self, conv_layers: Sequence[tuple[int, int, int]], conv_bias: bool, dim: int) -> None:
+    def __init__(
+        self, conv_layers: Sequence[tuple[int, int, int]], conv_bias: bool, dim: int, norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         channels = conv_layers[-1][0]
         self.cnn = ConvFeatureExtractor(conv_layers, conv_bias)
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, eps=norm_eps)
         self.proj = nn.Linear(channels, dim)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tokens:
@@ -124,10 +126,13 @@ class ConvPositions(nn.Module):
     LayerNorm (no affine) -> GELU]; returns the term added to the frames (B, T, D).
 
     Padded frames are zeroed before every layer (and in the output), so a padded batch
-    gives valid frames exactly what each utterance would get alone."""
+    gives valid frames exactly what each utterance would get alone. `zero_padding="input"`
+    zeroes them only before the first layer, as fairseq and transformers do: with depth > 1
+    the last valid frames of a padded row then see non-zero values from the padding."""
 
-    def __init__(self, dim: int, depth: int, kernel: int, groups: int) -> None:
+    def __init__(self, dim: int, depth: int, kernel: int, groups: int, zero_padding: str = "each_layer") -> None:
         super().__init__()
+        self.every_layer = zero_padding == "each_layer"
         self.convs = nn.ModuleList(
             nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth)
         )
@@ -137,8 +142,8 @@ class ConvPositions(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         keep = None if padding_mask is None else (~padding_mask).unsqueeze(1).to(x.dtype)  # (B, 1, T)
         h = x.transpose(1, 2)
-        for conv in self.convs:
-            if keep is not None:
+        for i, conv in enumerate(self.convs):
+            if keep is not None and (i == 0 or self.every_layer):
                 h = h * keep
             h = conv(h)
             if self.trim:
@@ -192,9 +197,11 @@ class AudioFrontend(Frontend):
         self.num_heads = cfg.encoder.num_heads
         self.grid = (1, conv_output_length(NOMINAL_SAMPLES, acfg.conv_layers))
         self.decoder_2d = False
-        self.local = AudioLocal(acfg.conv_layers, acfg.conv_bias, dim)
+        self.local = AudioLocal(acfg.conv_layers, acfg.conv_bias, dim, acfg.proj_norm_eps)
         positional = (
-            ConvPositions(dim, acfg.pos_conv_depth, acfg.pos_conv_kernel, acfg.pos_conv_groups)
+            ConvPositions(
+                dim, acfg.pos_conv_depth, acfg.pos_conv_kernel, acfg.pos_conv_groups, acfg.pos_conv_zero_padding
+            )
             if acfg.pos_conv_depth > 0
             else None
         )

@@ -48,6 +48,18 @@ class FixedPositions(nn.Module):
         return table.to(x.dtype)
 
 
+class LearnedPositions(nn.Module):
+    """Adds a learned (T, D) table (BEiT's optional absolute position embeddings, patch part)."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.table.to(x.dtype)
+
+
 class ImageFrontend(Frontend):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -55,8 +67,13 @@ class ImageFrontend(Frontend):
         self.grid = icfg.grid
         self.decoder_2d = True
         self.num_heads = cfg.encoder.num_heads
+        self.rel_pos_hf_resample = icfg.rel_pos_hf_resample
         self.local = PatchEmbed(icfg.image_size, icfg.patch_size, icfg.channels, dim)
-        positional = FixedPositions(sincos_2d(dim, self.grid)) if icfg.positions == "sincos" else None
+        positional: nn.Module | None = None
+        if icfg.positions == "sincos":
+            positional = FixedPositions(sincos_2d(dim, self.grid))
+        elif icfg.positions == "learned":
+            positional = LearnedPositions(self.grid[0] * self.grid[1], dim)
         self.context = ContextEncoder(
             dim,
             num_prefix=1 if icfg.cls_token else 0,
@@ -66,7 +83,9 @@ class ImageFrontend(Frontend):
         )
 
     def make_position_bias(self) -> nn.Module:
-        return RelativePositionBias2d(self.grid, self.num_heads, cls_token=self.num_prefix == 1)
+        return RelativePositionBias2d(
+            self.grid, self.num_heads, cls_token=self.num_prefix == 1, hf_resample=self.rel_pos_hf_resample
+        )
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:

@@ -60,14 +60,24 @@ def position_ids(ids: Tensor, pad_id: int) -> Tensor:
 class TokenEmbedding(LocalEncoder):
     """(B, T) token ids -> Tokens((B, T, D), (B, T) padding = ids == <pad>, or None)."""
 
-    def __init__(self, vocab_size: int, dim: int, max_positions: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        max_positions: int,
+        pad_id: int,
+        norm_eps: float = LAYER_NORM_EPS,
+        type_vocab_size: int = 0,
+    ) -> None:
         super().__init__()
         self.pad_id = pad_id
         self.max_positions = max_positions
         self.embed_tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         # Position ids run up to max_positions + pad_id: RoBERTa's 514 rows for 512 tokens.
         self.embed_positions = nn.Embedding(max_positions + pad_id + 1, dim, padding_idx=pad_id)
-        self.layer_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        # Token types (imported RoBERTa/BERT-style checkpoints): every token is type 0.
+        self.embed_types = nn.Embedding(type_vocab_size, dim) if type_vocab_size > 0 else None
+        self.layer_norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def reset_parameters(self) -> None:
         """BERT init: N(0, 0.02) embeddings with zero padding rows."""
@@ -75,6 +85,8 @@ class TokenEmbedding(LocalEncoder):
             nn.init.normal_(emb.weight, std=0.02)
             with torch.no_grad():
                 emb.weight[self.pad_id].zero_()
+        if self.embed_types is not None:
+            nn.init.normal_(self.embed_types.weight, std=0.02)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tokens:
         if inputs.ndim != 2 or inputs.is_floating_point():
@@ -86,7 +98,10 @@ class TokenEmbedding(LocalEncoder):
         pad = inputs.eq(self.pad_id)
         if padding_mask is not None:
             pad = pad | padding_mask
-        x = self.embed_tokens(inputs) + self.embed_positions(position_ids(inputs, self.pad_id))
+        x = self.embed_tokens(inputs)
+        if self.embed_types is not None:
+            x = x + self.embed_types.weight[0]
+        x = x + self.embed_positions(position_ids(inputs, self.pad_id))
         x = self.layer_norm(x)
         return Tokens(x, pad if bool(pad.any()) else None)
 
@@ -99,7 +114,9 @@ class TextFrontend(Frontend):
         self.version = cfg.version
         self.grid = (1, tcfg.max_positions)
         self.decoder_2d = False
-        self.local = TokenEmbedding(tcfg.vocab_size, cfg.encoder.dim, tcfg.max_positions, tcfg.pad_id)
+        self.local = TokenEmbedding(
+            tcfg.vocab_size, cfg.encoder.dim, tcfg.max_positions, tcfg.pad_id, tcfg.layer_norm_eps, tcfg.type_vocab_size
+        )
         # Input-level masking (<mask> ids) in 1.0, dropped tokens in 2.0: no mask vector.
         self.context = ContextEncoder(
             cfg.encoder.dim, num_prefix=0, positional=None, mask_token=False, dropout=tcfg.embed_dropout

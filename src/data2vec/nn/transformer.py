@@ -77,15 +77,29 @@ class Attention(nn.Module):
         return result
 
 
+def activation(name: str, x: Tensor) -> Tensor:
+    """The MLP activations `EncoderConfig.activation` names."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation_dropout: float) -> None:
+    def __init__(self, dim: int, hidden: int, activation_dropout: float, activation: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.activation = activation
         self.act_drop = nn.Dropout(activation_dropout)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.fc2(self.act_drop(F.gelu(self.fc1(x))))
+        out: Tensor = self.fc2(self.act_drop(activation(self.activation, self.fc1(x))))
         return out
 
 
@@ -104,7 +118,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), cfg.activation_dropout)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), cfg.activation_dropout, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
         ls = cfg.layer_scale_init
@@ -157,7 +171,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         total = cfg.prenet_depth + cfg.depth
         rates = torch.linspace(0, cfg.drop_path, total).tolist() if total > 1 else [cfg.drop_path]
-        per_layer = cfg.position_bias == "per_layer"
+        per_layer = cfg.position_bias in ("per_layer", "both")
 
         def block(i: int) -> Block:
             return Block(cfg, rates[i], make_position_bias() if per_layer and make_position_bias else None)
@@ -167,7 +181,7 @@ class Encoder(nn.Module):
         self.prenet = nn.ModuleList([block(i) for i in range(cfg.prenet_depth)])
         self.blocks = nn.ModuleList([block(cfg.prenet_depth + i) for i in range(cfg.depth)])
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
-        shared = cfg.position_bias == "shared" and make_position_bias is not None
+        shared = cfg.position_bias in ("shared", "both") and make_position_bias is not None
         self.position_bias = make_position_bias() if shared and make_position_bias else None
 
     def forward(
