@@ -5,6 +5,7 @@
     data2vec pretrain --resume RUN_DIR
     data2vec demo [--out DIR]
     data2vec presets
+    data2vec convert SRC DST [--to hf]
 """
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("presets", help="list the presets")
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert a model: transformers folder or hub id, fairseq checkpoint, run or checkpoint -> folder",
+    )
+    conv.add_argument(
+        "src",
+        help="a transformers data2vec folder or hub id, a fairseq checkpoint, a run directory, a checkpoint "
+        "folder, or a folder written by this command",
+    )
+    conv.add_argument("dst", help="output folder (new, or a previous output of this command)")
+    conv.add_argument(
+        "--to",
+        choices=["data2vec", "hf"],
+        default="data2vec",
+        help="data2vec (default): this library's folder (config.json + model.safetensors); "
+        "hf: a transformers Data2Vec{Vision,Audio,Text} folder (data2vec 1.0 models only)",
+    )
     return p
 
 
@@ -150,6 +169,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from data2vec.interop import convert
+
+    out, source = convert(args.src, args.dst, to=args.to)
+    m = source.config.model
+    print(f"read {source.kind}: {source.path}")
+    print(f"  data2vec {m.version}.0 {m.modality} model, {m.encoder.depth} blocks, width {m.encoder.dim}")
+    if source.head is not None and source.head.weights:
+        head = source.head
+        print(f"  task head kept: {head.architecture} ({head.kind}, {len(head.weights)} tensors)")
+    print(f"wrote {out} ({'transformers' if args.to == 'hf' else 'data2vec'} format)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -157,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pretrain(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "convert":
+            return _convert(args)
         if args.command == "presets":
             for name in sorted(PRESETS):
                 print(f"{name}: data2vec {' and '.join(f'{v}.0' for v in sorted(PRESETS[name]))}")
