@@ -321,8 +321,7 @@ def _download(repo_id: str) -> Path:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InteropError(
             f"{repo_id}: not a local folder, and the Hugging Face hub download failed ({type(e).__name__}: {msg}). "
-            f"Offline? Fetch it where the hub is reachable (huggingface-cli download {repo_id} --local-dir DIR) "
-            "and pass DIR."
+            f"Offline? Fetch it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) and pass DIR."
         ) from None
 
 
