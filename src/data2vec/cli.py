@@ -3,6 +3,8 @@
     data2vec pretrain --modality image --data PATH --preset image-tiny --version 2 \\
         [--set optim.lr=5e-4 ...] --out RUN_DIR
     data2vec pretrain --resume RUN_DIR
+    data2vec pretrain --init CHECKPOINT --data PATH [--set ...] --out RUN_DIR
+    data2vec extract --checkpoint CHECKPOINT --input PATH --layers 6,12 --pool mean --out features.npy
     data2vec demo [--out DIR]
     data2vec presets
     data2vec convert SRC DST [--to hf]
@@ -62,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint and exit after this step (resume later with --resume)",
     )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="continue pretraining a pretrained model (run directory, checkpoint, pretrained folder, "
+        "transformers or fairseq checkpoint): modality, architecture and preset come from it, the teacher "
+        "starts as a copy of it and the head/decoder is fresh; --set still changes training settings",
+    )
 
     demo = sub.add_parser("demo", help="pretrain a tiny model on built-in data and probe it")
     demo.add_argument(
@@ -76,6 +85,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("presets", help="list the presets")
+
+    ext = sub.add_parser("extract", help="per-layer features of a pretrained encoder for a file or folder")
+    ext.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory, checkpoint folder, pretrained folder, transformers folder or fairseq checkpoint",
+    )
+    ext.add_argument(
+        "--input", required=True, help="a file or folder of images, audio files or text files (as for --data)"
+    )
+    ext.add_argument(
+        "--layers", default="", help="comma-separated layers: 0 = encoder input, 1..L = blocks, -1 = last (default)"
+    )
+    ext.add_argument(
+        "--pool", choices=["mean", "none"], default="mean", help="mean over tokens (default) or every token"
+    )
+    ext.add_argument(
+        "--out",
+        required=True,
+        help="features.npy (mean: one (layers, N, D) array; none: an .npz beside it), .npz or .parquet; "
+        "<stem>.files.txt lists the inputs in order",
+    )
+    ext.add_argument("--batch-size", type=int, default=16, help="inputs per batch (default 16)")
+    ext.add_argument(
+        "--max-tokens", type=int, default=None, help="padded samples/tokens per batch (default: per modality)"
+    )
+    ext.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ext.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     conv = sub.add_parser(
         "convert",
@@ -119,11 +158,36 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfig:
+    """`pretrain --init`: the checkpoint's config with --data, --on-bad-input and --set applied; an
+    override that would change the architecture is refused, naming the key."""
+    from data2vec.train import check_init_config
+
+    if args.modality and args.modality != source.model.modality:
+        raise ConfigError(f"modality: --modality {args.modality} but the checkpoint is a {source.model.modality} model")
+    cfg = replace(source, data=replace(source.data, path=args.data or ""))
+    if args.on_bad_input:
+        cfg = replace(cfg, data=replace(cfg.data, on_bad_input=args.on_bad_input))
+    cfg = apply_overrides(cfg, args.overrides)
+    check_init_config(source, cfg)
+    if cfg.model.modality == "text" and not cfg.data.text.tokenizer:
+        raise ConfigError(
+            "data.text.tokenizer: the checkpoint names no tokenizer; --init with a text model needs the one its "
+            "vocabulary came from (--set data.text.tokenizer=PATH)"
+        )
+    if not cfg.data.path:
+        raise ConfigError("data.path: no data given (pass --data PATH)")
+    is_pattern = cfg.data.path.startswith("builtin:") or any(ch in cfg.data.path for ch in "*?[")
+    if not is_pattern and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"{cfg.data.path}: no such file or folder")
+    return cfg
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from data2vec.train import train
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data or args.on_bad_input:
+        if args.preset or args.config or args.overrides or args.data or args.on_bad_input or args.init:
             raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
         result = train(
             RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress, stop_after=args.stop_after
@@ -131,11 +195,22 @@ def _pretrain(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
-        cfg = resolve_pretrain_config(args)
+        init = None
+        if args.init:
+            from data2vec.extract import load_pretrained_state
+
+            if args.preset or args.config:
+                raise ConfigError(
+                    "init: --init takes the preset and architecture from the checkpoint; drop --preset/--config"
+                )
+            init = load_pretrained_state(args.init)
+            cfg = resolve_init_config(args, init.config)
+        else:
+            cfg = resolve_pretrain_config(args)
         from data2vec.data.pipeline import pipeline_for
 
         pipeline_for(cfg).check(cfg)  # fail now, in one line, on missing or empty data
-        result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
+        result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after, init=init)
     print(f"finished at step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     for note in result.data_notes:
         print(note)
@@ -183,6 +258,51 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from data2vec.extract import build_model, describe, extract_path, load_pretrained_state, write_features
+    from data2vec.train import resolve_device
+
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"layers: {args.layers!r} is not a comma-separated list of integers") from None
+    out = Path(args.out)
+    if out.suffix.lower() not in (".npy", ".npz", ".parquet"):
+        raise ConfigError(f"out: {out} must end in .npy, .npz or .parquet")
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            print(
+                "data2vec: error: writing .parquet needs pyarrow (pip install pyarrow); use .npy or .npz",
+                file=sys.stderr,
+            )
+            return 2
+    pre = load_pretrained_state(args.checkpoint)
+    model = build_model(pre).to(resolve_device(args.device))
+    m = pre.config.model
+    blocks = m.encoder.prenet_depth + m.encoder.depth
+    print(f"model: data2vec {m.version}.0 {m.modality}, {blocks} blocks, width {m.encoder.dim} ({pre.source})")
+    with torch.inference_mode():
+        names, feats = extract_path(
+            model,
+            pre.config,
+            args.input,
+            layers,
+            args.pool,
+            tokenizer=args.tokenizer,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            progress=not args.no_progress,
+            precision=args.precision,
+        )
+    written = write_features(out, names, feats, args.pool)
+    print(f"wrote {', '.join(str(w) for w in written)}: {describe(names, feats, args.pool)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -192,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "extract":
+            return _extract(args)
         if args.command == "presets":
             for name in sorted(PRESETS):
                 print(f"{name}: data2vec {' and '.join(f'{v}.0' for v in sorted(PRESETS[name]))}")

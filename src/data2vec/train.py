@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from data2vec.data.images import BadInputError
 from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
 from data2vec.model import Batch, Data2Vec, no_weight_decay
 from data2vec.schedules import cosine_lr, ema_decay
+
+if TYPE_CHECKING:
+    from data2vec.extract import Pretrained
 
 
 class TrainingStopped(RuntimeError):
@@ -110,6 +113,7 @@ def train(
     progress: bool = True,
     quiet: bool = False,
     stop_after: int | None = None,
+    init: str | Path | Pretrained | None = None,
 ) -> TrainResult:
     """Pretrain per `cfg`, writing checkpoints, metrics.jsonl and loss.png into `run_dir`.
 
@@ -117,6 +121,8 @@ def train(
     config saved there (`cfg` is ignored except when no checkpoint exists yet).
     `stop_after` ends this invocation after that step (with a checkpoint), e.g. to split a
     run into time-limited jobs; schedules still follow `train.steps`.
+    `init` starts the student from a pretrained model (`init_from`); a run resumed before its
+    first checkpoint starts from it again.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -160,6 +166,10 @@ def train(
         log(f"resumed from {ckpt.path} at step {start}")
     elif resume:
         log(f"no checkpoint in {run_dir} yet: starting from step 0")
+    if ckpt is None:
+        init = init if init is not None or not resume else _recorded_init(run_dir)
+        if init is not None:
+            log(_apply_init(model, init, run_dir))
     if not resume:
         cfg.save(run_dir / "config.json")
 
@@ -328,6 +338,95 @@ def train(
         if run_state["nan_skipped"]:
             log(f"skipped {run_state['nan_skipped']} step(s) with a non-finite loss or gradient")
     return TrainResult(run_dir, step, model, history, sorted(set(skipped)), data_notes)
+
+
+# ----------------------------------------------------------------------------- continue pretraining
+
+INIT_RECORD = "init.json"
+
+INIT_TRAINING_KEYS = (
+    "model.encoder.dropout",
+    "model.encoder.attn_dropout",
+    "model.encoder.activation_dropout",
+    "model.encoder.drop_path",
+    "model.encoder.layerdrop",
+    "model.text.embed_dropout",
+    "model.audio.pos_conv_zero_padding",
+    "model.head_layers",
+    "model.decoder",
+)
+"""Model settings an override may change under `--init`: regularisation, and the head/decoder (fresh anyway)."""
+
+
+def check_init_config(source: RunConfig, cfg: RunConfig) -> None:
+    """Refuse a config whose architecture differs from the pretrained model's, naming the key."""
+    from data2vec.config import to_dict
+
+    def diff(a: Any, b: Any, key: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for name in a for k in diff(a[name], b.get(name), f"{key}.{name}")]
+        return [] if a == b else [key]
+
+    changed = [
+        k
+        for k in diff(to_dict(source.model), to_dict(cfg.model), "model")
+        if not any(k == t or k.startswith(t + ".") for t in INIT_TRAINING_KEYS)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{changed[0]}: --init takes the architecture from the checkpoint; this override would change it "
+            f"(changed: {', '.join(changed)})"
+        )
+
+
+def init_from(model: Data2Vec, source: str | Path | Pretrained) -> tuple[Pretrained, list[str]]:
+    """Load a pretrained model's front-end and encoder into the student; the pretraining head or
+    decoder stays freshly initialised and the teacher becomes a copy of the loaded student.
+
+    Returns (the pretrained model read, the student keys that were not loaded: the fresh ones)."""
+    from data2vec.extract import Pretrained, load_pretrained_state
+
+    pre = source if isinstance(source, Pretrained) else load_pretrained_state(source)
+    own = model.student_state_dict()
+    weights = {k: v for k, v in pre.student.items() if not k.startswith(("head.", "teacher."))}
+    unexpected = sorted(set(weights) - set(own))
+    wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
+    fresh = sorted(k for k in own if k not in weights)
+    missing = [k for k in fresh if not k.startswith("head.") and k != "frontend.context.mask_emb"]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(
+            f"{k}: shape {tuple(weights[k].shape)} in {pre.source}, {tuple(own[k].shape)} in the model built "
+            "from the config (for text, set data.text.tokenizer to the tokenizer the model was trained with)"
+        )
+    if missing or unexpected:
+        what = f"lacks {', '.join(missing[:5])}" if missing else f"has no place for {', '.join(unexpected[:5])}"
+        raise ConfigError(f"init: the model built from the config {what} ({pre.source})")
+    model.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        for name, part in model.student_parts().items():
+            model.teacher[name].load_state_dict(part.state_dict())
+    return pre, fresh
+
+
+def _apply_init(model: Data2Vec, init: str | Path | Pretrained, run_dir: Path) -> str:
+    """`init_from`, recorded in RUN_DIR/init.json; returns the log line."""
+    pre, fresh = init_from(model, init)
+    record = {"init": pre.path, "source": pre.source, "fresh": fresh}
+    (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return (
+        f"initialised from {pre.source}: the student's front-end and encoder loaded, the teacher starts as "
+        f"a copy of them; fresh: {', '.join(fresh) if fresh else 'nothing'}"
+    )
+
+
+def _recorded_init(run_dir: Path) -> str | None:
+    """The --init source of a run resumed before its first checkpoint."""
+    record = run_dir / INIT_RECORD
+    if not record.is_file():
+        return None
+    value = json.loads(record.read_text()).get("init")
+    return str(value) if value else None
 
 
 def _truncate_metrics(metrics_path: Path, step: int) -> None:
