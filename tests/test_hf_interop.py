@@ -351,10 +351,17 @@ def test_convert_cli_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "holds other files" in capsys.readouterr().err
 
 
+def small_image_v1() -> Any:
+    """image-tiny 1.0 (BEiT-shaped), narrowed to keep the tests quick."""
+    cfg = preset("image-tiny", 1)
+    encoder = replace(cfg.model.encoder, dim=64, depth=2, num_heads=4)
+    return replace(cfg, model=replace(cfg.model, encoder=encoder), targets=replace(cfg.targets, top_k=2))
+
+
 def test_training_checkpoint_and_run_dir(tmp_path: Path) -> None:
     from data2vec.checkpoint import save_checkpoint
 
-    cfg = preset("image-tiny", 1)
+    cfg = small_image_v1()
     model = Data2Vec.from_config(cfg)
     save_checkpoint(tmp_path / "run", 7, model.student_state_dict(), model.teacher_state_dict(), cfg.to_dict(), {})
     source = load_source(tmp_path / "run")
@@ -372,6 +379,52 @@ def test_training_checkpoint_and_run_dir(tmp_path: Path) -> None:
     back = reload(T.Data2VecVisionModel, tmp_path / "hf")
     with torch.no_grad():
         assert float((back(x).last_hidden_state - model.encode(x).x).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("name", ["audio-tiny", "text-tiny"])
+def test_models_trained_here_export_to_transformers(name: str, tmp_path: Path) -> None:
+    cfg = preset(name, 1)
+    if name == "text-tiny":  # a small vocabulary keeps the test fast
+        text = replace(cfg.model.text, vocab_size=300, mask_id=299)
+        cfg = replace(cfg, model=replace(cfg.model, text=text))
+    torch.manual_seed(0)
+    model = Data2Vec.from_config(cfg).eval()
+    if name == "audio-tiny":
+        x = torch.randn(2, 4000)
+        with pytest.warns(UserWarning, match="pos_conv_zero_padding"):
+            save_hf(model, tmp_path / "hf")
+        back = reload(T.Data2VecAudioModel, tmp_path / "hf")
+    else:
+        x = torch.randint(4, 299, (2, 20))
+        save_hf(model, tmp_path / "hf")
+        back = reload(T.Data2VecTextModel, tmp_path / "hf", add_pooling_layer=False)
+    ours = forward_like_hf(model, x)
+    assert max_diff(ours, hf_forward(back, x)) <= TOL
+
+
+def test_fairseq_checkpoints_are_dispatched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import data2vec.interop as interop
+
+    cfg = small_image_v1()
+    model = Data2Vec.from_config(cfg)
+
+    class FakeFairseq:
+        @staticmethod
+        def is_fairseq_checkpoint(path: Path) -> bool:
+            return path.suffix == ".pt"
+
+        @staticmethod
+        def load_fairseq(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+            return cfg, model.state_dict()
+
+    (tmp_path / "model.pt").write_bytes(b"x")
+    monkeypatch.setattr(interop, "fairseq_module", lambda: FakeFairseq)
+    source = load_source(tmp_path / "model.pt")
+    assert source.kind == "fairseq" and source.config == cfg
+    assert main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "out")]) == 0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "out").encode(x).x, model.eval().encode(x).x)
 
 
 def test_data2vec_2_export_is_refused(tmp_path: Path) -> None:

@@ -681,7 +681,10 @@ def load_hf(path: str | Path) -> HFImport:
         folder = _download(str(path))
     if not (folder / "config.json").is_file():
         raise InteropError(f"{folder}: no config.json")
-    hf = json.loads((folder / "config.json").read_text())
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InteropError(f"{folder / 'config.json'}: unreadable ({e})") from None
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPE:
         raise InteropError(
