@@ -79,7 +79,10 @@ def build_model(cfg: RunConfig, state_dict: dict[str, Tensor]) -> Data2Vec:
     from data2vec.teacher import EMATeacher
 
     model = Data2Vec.from_config(cfg)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise InteropError(f"weights do not fit the configured model: {e}") from None
     missing = [k for k in missing if not k.startswith(("teacher.", "head.")) and k != "frontend.context.mask_emb"]
     if missing or unexpected:
         parts = []
