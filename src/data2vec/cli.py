@@ -1,7 +1,7 @@
 """The `data2vec` command: a thin layer over the library API.
 
     data2vec pretrain --modality image --data PATH --preset image-tiny --version 2 \\
-        [--set optim.lr=5e-4 ...] --out RUN_DIR
+        [--set optim.lr=5e-4 ...] [--on-bad-input skip] [--on-nan skip] [--on-collapse rewind] --out RUN_DIR
     data2vec pretrain --resume RUN_DIR
     data2vec pretrain --init CHECKPOINT --data PATH [--set ...] --out RUN_DIR
     data2vec extract --checkpoint CHECKPOINT --input PATH --layers 6,12 --pool mean --out features.npy
@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
         choices=["skip", "fail"],
         help="a bad data file (unreadable, empty, not UTF-8, ...): stop with a message naming it (fail) "
         "or skip it and count it in the run's summary (skip); sets data.on_bad_input (default fail)",
+    )
+    pre.add_argument(
+        "--on-nan",
+        choices=["stop", "skip"],
+        help="a non-finite loss or gradient: stop with the last checkpoint intact (stop) or skip that "
+        "step and count it (skip); sets train.on_nan (default stop)",
+    )
+    pre.add_argument(
+        "--on-collapse",
+        choices=["stop", "rewind"],
+        help="representation collapse: stop (stop) or rewind to the last checkpoint with a lower learning "
+        "rate (rewind); sets train.on_collapse (default stop)",
     )
     pre.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     pre.add_argument("--version", type=int, choices=[1, 2], default=2, help="data2vec 1.0 or 2.0 (default 2)")
@@ -136,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+FLAG_KEYS = {"on_bad_input": "data.on_bad_input", "on_nan": "train.on_nan", "on_collapse": "train.on_collapse"}
+"""`pretrain` flags that are sugar for `--set KEY=VALUE`, applied after the --set options (so they win)."""
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
+
+
 def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
     if args.config:
         cfg = RunConfig.load(args.config)
@@ -147,9 +167,7 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"modality: --modality {args.modality} but the config is for {cfg.model.modality}")
     if args.data:
         cfg = replace(cfg, data=replace(cfg.data, path=args.data))
-    if args.on_bad_input:
-        cfg = replace(cfg, data=replace(cfg.data, on_bad_input=args.on_bad_input))
-    cfg = apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(cfg, [*args.overrides, *_flag_overrides(args)])
     if not cfg.data.path:
         raise ConfigError("data.path: no data given (pass --data PATH)")
     is_pattern = cfg.data.path.startswith("builtin:") or any(ch in cfg.data.path for ch in "*?[")
@@ -159,16 +177,14 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
 
 
 def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfig:
-    """`pretrain --init`: the checkpoint's config with --data, --on-bad-input and --set applied; an
+    """`pretrain --init`: the checkpoint's config with --data, --set and the --on-* flags applied; an
     override that would change the architecture is refused, naming the key."""
     from data2vec.train import check_init_config
 
     if args.modality and args.modality != source.model.modality:
         raise ConfigError(f"modality: --modality {args.modality} but the checkpoint is a {source.model.modality} model")
     cfg = replace(source, data=replace(source.data, path=args.data or ""))
-    if args.on_bad_input:
-        cfg = replace(cfg, data=replace(cfg.data, on_bad_input=args.on_bad_input))
-    cfg = apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(cfg, [*args.overrides, *_flag_overrides(args)])
     check_init_config(source, cfg)
     if cfg.model.modality == "text" and not cfg.data.text.tokenizer:
         raise ConfigError(
@@ -187,7 +203,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from data2vec.train import train
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data or args.on_bad_input or args.init:
+        if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
             raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
         result = train(
             RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress, stop_after=args.stop_after

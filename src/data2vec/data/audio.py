@@ -5,7 +5,17 @@ Sources:
 - a manifest (any other file, e.g. `train.tsv`): one `path[<TAB>num_samples]` per line,
   paths relative to the manifest's folder, or fairseq's form whose first line is the root
   folder. A given `num_samples` is taken as the length at `data.audio.sample_rate` (as in
-  fairseq's 16 kHz manifests) and spares opening the file to learn it.
+  fairseq's 16 kHz manifests) and spares opening the file to learn it; when the file is
+  read, a decoded length that differs from it by more than 1% (a count taken at another
+  sample rate, a truncated file) makes the clip a bad input, since its batch was planned
+  with the wrong length.
+
+Bad files (empty, not audio, cut short so that the decoder fails, NaN or infinite samples)
+raise `BadInputError` naming the file: at scan time when the header shows it, otherwise
+when the clip is read; under `data.on_bad_input=skip` they are left out and counted. A WAV
+whose header promises more frames than the file holds is read up to its end (libsndfile
+reports the true length). If two epochs of batches bring no usable clip, the run stops
+with an error instead of looping.
 
 Each utterance is read, mixed down to mono, resampled with soxr when its rate differs
 from `data.audio.sample_rate`, normalised to zero mean and unit variance (as fairseq's
@@ -43,6 +53,9 @@ from data2vec.modalities.audio import conv_output_length, conv_output_lengths
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 _OTHER_AUDIO = (".aiff", ".aif", ".au", ".caf", ".w64", ".mp3", ".opus")
+LENGTH_TOLERANCE = 0.01
+"""A manifest's sample count may differ from the decoded length by this fraction (resampling
+rounds); beyond it the clip is a bad input."""
 
 
 # ---------------------------------------------------------------------- reading files
@@ -51,6 +64,7 @@ _OTHER_AUDIO = (".aiff", ".aif", ".au", ".caf", ".w64", ".mp3", ".opus")
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """A file as a mono float32 waveform at `sample_rate`; BadInputError names the file."""
     where = str(path)
+    _check_not_empty(Path(path))
     try:
         data, rate = sf.read(where, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
@@ -63,6 +77,16 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     if rate != sample_rate:
         wav = soxr.resample(wav, rate, sample_rate)
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _check_not_empty(path: Path) -> None:
+    """A zero-byte file gets its own message (libsndfile would say 'Format not recognised')."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return  # the reader names the problem
+    if empty:
+        raise BadInputError(str(path), "empty file (0 bytes)")
 
 
 def normalize_waveform(wav: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -82,6 +106,8 @@ class AudioClip:
     path: str
     samples: int
     """Length at the target sample rate."""
+    listed: bool = False
+    """`samples` comes from a manifest (checked against the decoded length when read)."""
 
 
 @dataclass
@@ -161,6 +187,7 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
             raise ValueError(f"{path}: the manifest lists no audio files")
     source = AudioSource(str(path), cfg.sample_rate, [], min_samples=cfg.min_sample_size)
     for f, n in entries:
+        listed = n is not None
         if n is None:
             try:
                 n = _header_length(f, cfg.sample_rate)
@@ -172,7 +199,7 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
         if n < cfg.min_sample_size:
             source.too_short += 1
             continue
-        source.clips.append(AudioClip(str(f), n))
+        source.clips.append(AudioClip(str(f), n, listed=listed))
     if not source.clips:
         raise ValueError(
             f"{path}: no usable clips ({source.too_short} shorter than data.audio.min_sample_size="
@@ -185,6 +212,7 @@ def _header_length(path: Path, sample_rate: int) -> int:
     where = str(path)
     if not path.is_file():
         raise BadInputError(where, "no such file")
+    _check_not_empty(path)
     try:
         info = sf.info(where)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
@@ -287,8 +315,16 @@ class AudioDataset(Dataset[AudioItem]):
 
     def __getitem__(self, item: tuple[int, int]) -> AudioItem:
         index, seed = item
+        clip = self.source.clips[index]
         try:
-            wav = load_audio(self.source.clips[index].path, self.cfg.sample_rate)
+            wav = load_audio(clip.path, self.cfg.sample_rate)
+            if clip.listed and abs(len(wav) - clip.samples) > max(2, LENGTH_TOLERANCE * clip.samples):
+                raise BadInputError(
+                    clip.path,
+                    f"decodes to {len(wav)} samples at {self.cfg.sample_rate} Hz but the manifest gives "
+                    f"{clip.samples} (a count taken at another sample rate, or a truncated file?); "
+                    "fix the count or leave it out",
+                )
         except BadInputError as e:
             return AudioItem(None, seed, str(e))
         if self.cfg.normalize:
@@ -354,15 +390,28 @@ class AudioCollate:
 
 class AudioBatches(Iterator[PretrainBatch]):
     """The loader's batches; adds the files skipped while scanning to the first batch and, with
-    on_bad_input=fail, raises BadInputError for a file that could not be decoded."""
+    on_bad_input=fail, raises BadInputError for a file that could not be decoded. With skip,
+    `empty_limit` batches in a row without one usable clip (two epochs' worth: every clip was
+    tried) raise BadInputError for the source instead of looping forever."""
 
-    def __init__(self, it: Iterator[PretrainBatch], source: AudioSource, on_bad_input: str) -> None:
+    def __init__(
+        self, it: Iterator[PretrainBatch], source: AudioSource, on_bad_input: str, empty_limit: int = 0
+    ) -> None:
         self._it, self.source, self.on_bad_input = it, source, on_bad_input
         self._pending = list(source.skipped)
         self.notes = source.notes()
+        self.empty_limit, self._empty_run = empty_limit, 0
 
     def __next__(self) -> PretrainBatch:
         b = next(self._it)
+        self._empty_run = self._empty_run + 1 if b.inputs.numel() == 0 else 0
+        if self.empty_limit and self._empty_run >= self.empty_limit and self.on_bad_input != "fail":
+            last = b.skipped[-1] if b.skipped else "none"
+            raise BadInputError(
+                self.source.location,
+                f"no usable clips: none of the {len(self.source.clips)} clips could be read in "
+                f"{self._empty_run} batches in a row (last: {last})",
+            )
         if b.skipped and self.on_bad_input == "fail":
             msg = b.skipped[0]
             path = next((c.path for c in self.source.clips if msg.startswith(c.path + ": ")), "")
@@ -422,4 +471,5 @@ class AudioPipeline:
             generator=torch.Generator().manual_seed(cfg.train.seed),
             **loader_kwargs,
         )
-        return AudioBatches(iter(loader), source, cfg.data.on_bad_input), len(source)
+        batches = AudioBatches(iter(loader), source, cfg.data.on_bad_input, 2 * sampler.batches_per_epoch)
+        return batches, len(source)

@@ -13,6 +13,12 @@ column) or a bad record (invalid JSON, empty document) raises `BadInputError` na
 under `data.on_bad_input=fail`; under `skip` it is left out (a file entirely: what it had
 already added is rolled back) and counted in the run's summary.
 
+The tokenizer (training and encoding) sees a long document in pieces of at most
+`PIECE_CHARS` characters, cut where a run of whitespace starts (pre-tokenisation splits
+there anyway, so the ids are unchanged) or, inside a longer run without one, hard. So a
+10 MB single-line file costs time and memory in proportion to its size, where the whole
+line at once took gigabytes (and a long word, superlinear time).
+
 `prepare` (once per run, before the model exists): train or load the tokenizer, save it as
 `tokenizer.json` in the run directory, and stream the corpus through it into
 `tokens.bin`, a flat file of token ids (uint16 below 65,536 types), each document
@@ -49,7 +55,11 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TSV_SUFFIXES = (".tsv",)
 TEXT_SUFFIXES = PLAIN_SUFFIXES + JSONL_SUFFIXES + TSV_SUFFIXES
 ENCODE_CHUNK = 2_000
-"""Documents tokenised per call (the Rust tokenizer encodes a chunk in parallel)."""
+"""Pieces tokenised per call (the Rust tokenizer encodes a chunk in parallel)."""
+ENCODE_CHARS = 1_000_000
+"""Characters per call, at most about (the tokenizer's output per character is ~100x larger)."""
+PIECE_CHARS = 1_000
+"""The longest piece of a document handed to the tokenizer at once."""
 
 RecordError = Callable[[BadInputError], None]
 
@@ -84,6 +94,23 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             yield lineno, line.rstrip("\r\n")
+
+
+def split_long(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters. A piece ends where a run of
+    whitespace begins (the last such run in the second half of its window): byte-level BPE
+    pre-tokenises there anyway, so the pieces' ids are the whole text's. Without one (a long
+    run of letters, say) it is cut at `limit`. Short texts come back whole."""
+    start, n = 0, len(text)
+    while n - start > limit:
+        end = start + limit
+        ws = max(text.rfind(c, start + limit // 2, end + 1) for c in " \n\t\r")
+        cut = start + len(text[start:ws].rstrip()) if ws > start else start  # start of ws's run
+        if cut > start:
+            end = cut
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _fail(error: BadInputError) -> None:
@@ -183,24 +210,37 @@ def tokenize_corpus(
         for path in files:
             start, file_tokens, file_docs, file_skipped = f.tell(), 0, 0, len(skipped)
             try:
-                chunk: list[str] = []
-                docs = read_documents(path, dcfg, record_error)
+                # (piece, last piece of its document?): long documents go to the tokenizer in pieces
+                pieces = (
+                    (piece, last)
+                    for doc in read_documents(path, dcfg, record_error)
+                    for piece, last in _with_last(split_long(doc))
+                )
+                chunk: list[tuple[str, bool]] = []
+                doc_tokens = 0
                 while True:
                     chunk.clear()
-                    for doc in docs:
-                        chunk.append(doc)
-                        if len(chunk) == ENCODE_CHUNK:
+                    chars = 0
+                    for item in pieces:
+                        chunk.append(item)
+                        chars += len(item[0])
+                        if len(chunk) == ENCODE_CHUNK or chars >= ENCODE_CHARS:
                             break
                     if not chunk:
                         break
-                    for j, ids in enumerate(tokenizer.encode_batch(chunk)):
-                        if not ids:  # e.g. a tokenizer that drops every character of it
-                            record_error(BadInputError(str(path), f"document {file_docs + j + 1} has no tokens"))
+                    encoded = tokenizer.encode_batch([piece for piece, _ in chunk])
+                    for ids, (_, last) in zip(encoded, chunk, strict=True):
+                        arr = np.asarray([*ids, eos] if last else ids, dtype=dtype)
+                        if last and doc_tokens + len(ids) == 0:  # e.g. a tokenizer that drops every character
+                            file_docs += 1
+                            record_error(BadInputError(str(path), f"document {file_docs} has no tokens"))
                             continue
-                        arr = np.asarray([*ids, eos], dtype=dtype)
                         arr.tofile(f)
                         file_tokens += len(arr)
-                    file_docs += len(chunk)
+                        doc_tokens += len(ids)
+                        if last:
+                            file_docs += 1
+                            doc_tokens = 0
             except BadInputError as e:
                 if on_bad_input == "fail":
                     raise
@@ -218,16 +258,29 @@ def tokenize_corpus(
     return stats
 
 
+def _with_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Each item with whether it is the last one."""
+    it = iter(items)
+    prev = next(it, None)
+    if prev is None:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
 def _training_texts(files: list[Path], dcfg: TextDataConfig, on_bad_input: str) -> Iterator[str]:
-    """Documents for tokenizer training, up to `tokenizer_train_bytes` of text."""
+    """Documents (long ones in pieces) for tokenizer training, up to `tokenizer_train_bytes` of text."""
     budget = dcfg.tokenizer_train_bytes
     for path in files:
         try:
             for doc in read_documents(path, dcfg, _fail if on_bad_input == "fail" else lambda e: None):
-                yield doc
-                budget -= len(doc)
-                if budget <= 0:
-                    return
+                for piece in split_long(doc):
+                    yield piece
+                    budget -= len(piece)
+                    if budget <= 0:
+                        return
         except BadInputError:
             if on_bad_input == "fail":
                 raise
