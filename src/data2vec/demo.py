@@ -21,7 +21,7 @@ from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.images import digits_array, digits_split, to_tensor
 from data2vec.model import Data2Vec
 from data2vec.presets import digits_tiny
-from data2vec.probe import linear_probe, pooled_features
+from data2vec.probe import initial_model, pooled_features, probe_accuracies
 from data2vec.train import train
 
 
@@ -107,20 +107,17 @@ def run_demo(
     cfg = demo_config(version, steps or 600, overrides)
     x, labels, tr, te = _digits_tensors(cfg)
 
-    torch.manual_seed(cfg.train.seed)
-    random_model = Data2Vec.from_config(cfg)  # the same initial weights the run starts from
+    random_model = initial_model(cfg)
     result = train(cfg, out, progress=progress, quiet=quiet)
     model = result.model.cpu()
 
     layers = cfg.targets.top_k
-    f_pre = pooled_features(model, x, layers=layers)
-    f_rand = pooled_features(random_model, x, layers=layers)
-    pixels = x.flatten(1).numpy()
-    acc = {
-        "pretrained": linear_probe(f_pre[tr], labels[tr], f_pre[te], labels[te]),
-        "random_init": linear_probe(f_rand[tr], labels[tr], f_rand[te], labels[te]),
-        "pixels": linear_probe(pixels[tr], labels[tr], pixels[te], labels[te]),
+    features = {
+        "pretrained": pooled_features(model, x, layers=layers),
+        "random_init": pooled_features(random_model, x, layers=layers),
+        "pixels": x.flatten(1).numpy(),
     }
+    acc = probe_accuracies(features, labels, tr, te)
     masked_picture(model, x[te[:8]], out / "masked_inputs.png")
     (out / "probe.json").write_text(
         "{\n" + ",\n".join(f'  "{k}": {v:.4f}' for k, v in acc.items()) + f',\n  "steps": {result.step}\n}}\n'

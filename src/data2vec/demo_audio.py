@@ -41,7 +41,7 @@ from data2vec.data.audio import normalize_waveform
 from data2vec.demo import DemoResult
 from data2vec.model import Data2Vec
 from data2vec.presets import preset
-from data2vec.probe import linear_probe
+from data2vec.probe import initial_model, probe_accuracies
 from data2vec.speech_synth import add_noise
 from data2vec.train import train
 
@@ -174,7 +174,7 @@ def synthesize(spec: SynthSpec, root: Path | None = None, quiet: bool = False) -
 # ---------------------------------------------------------------------- probe data and features
 
 
-def probe_set(corpus: Path, seed: int = 0, snr_db: tuple[float, float] = (-5.0, 10.0)) -> tuple[np.ndarray, ...]:
+def probe_set(corpus: Path, seed: int = 0, snr_db: tuple[float, float] = (10.0, 25.0)) -> tuple[np.ndarray, ...]:
     """1 s clips (N, 16000) with one command word at a random offset in noise, normalised per clip;
     labels (N,) and the train/test split (N,) bool (True = probe training set)."""
     plan = json.loads((corpus / "plan.json").read_text())
@@ -284,22 +284,19 @@ def run_demo(
     t_synth = time.perf_counter() - t0
     cfg = demo_config(corpus, version, steps or DEMO_STEPS, overrides)
 
-    torch.manual_seed(cfg.train.seed)
-    random_model = Data2Vec.from_config(cfg)  # the weights the run starts from
+    random_model = initial_model(cfg)
     result = train(cfg, out, progress=progress, quiet=quiet)
     model = result.model.cpu().float()
 
     wav, labels, is_train = probe_set(corpus, seed=cfg.train.seed)
     tr, te = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     layers = min(DEMO_LAYERS, cfg.model.encoder.depth)
-    f_pre = layer_features(model, wav)[:, -layers:].mean(1)
-    f_rand = layer_features(random_model, wav)[:, -layers:].mean(1)
-    f_mel = log_mel(wav).mean(1)
-    acc = {
-        "pretrained": linear_probe(f_pre[tr], labels[tr], f_pre[te], labels[te]),
-        "random_init": linear_probe(f_rand[tr], labels[tr], f_rand[te], labels[te]),
-        "log_mel": linear_probe(f_mel[tr], labels[tr], f_mel[te], labels[te]),
+    features = {
+        "pretrained": layer_features(model, wav)[:, -layers:].mean(1),
+        "random_init": layer_features(random_model, wav)[:, -layers:].mean(1),
+        "log_mel": log_mel(wav).mean(1),
     }
+    acc = probe_accuracies(features, labels, tr, te)
     seconds = time.perf_counter() - t0
     report = {
         **{k: round(v, 4) for k, v in acc.items()},

@@ -33,7 +33,7 @@ from data2vec.config import RunConfig, apply_overrides
 from data2vec.demo import DemoResult
 from data2vec.model import Data2Vec
 from data2vec.presets_text import text_tiny_v1, text_tiny_v2
-from data2vec.probe import linear_probe
+from data2vec.probe import initial_model, probe_accuracies
 from data2vec.tokenizer import TextTokenizer
 from data2vec.train import train
 
@@ -264,19 +264,16 @@ def run_demo(
     result = train(cfg, out, progress=progress, quiet=quiet)
     model = result.model.cpu()
     run_cfg = RunConfig.load(out / "config.json")
-    torch.manual_seed(run_cfg.train.seed)
-    random_model = Data2Vec.from_config(run_cfg)  # the initial weights the run started from
+    random_model = initial_model(run_cfg)
     tokenizer = TextTokenizer.load(out / "tokenizer.json")
 
     layers = run_cfg.targets.top_k
     tr, te, y = probe.train, probe.test, probe.labels
-    f_pre = text_features(model, tokenizer, probe.texts, layers)
-    f_rand = text_features(random_model, tokenizer, probe.texts, layers)
-    acc = {
-        "pretrained": linear_probe(f_pre[tr], y[tr], f_pre[te], y[te]),
-        "random_init": linear_probe(f_rand[tr], y[tr], f_rand[te], y[te]),
-        "tfidf": tfidf_probe(probe.texts, y, tr, te),
+    features = {
+        "pretrained": text_features(model, tokenizer, probe.texts, layers),
+        "random_init": text_features(random_model, tokenizer, probe.texts, layers),
     }
+    acc = {**probe_accuracies(features, y, tr, te), "tfidf": tfidf_probe(probe.texts, y, tr, te)}
     majority = float(np.bincount(y[te]).max() / len(te))
     summary = {
         **{k: round(v, 4) for k, v in acc.items()},

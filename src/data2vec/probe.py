@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -9,7 +11,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from data2vec.config import RunConfig
 from data2vec.model import Data2Vec
+
+
+def initial_model(cfg: RunConfig) -> Data2Vec:
+    """The exact weights a training run with `cfg` starts from (the random-init baseline)."""
+    torch.manual_seed(cfg.train.seed)
+    return Data2Vec.from_config(cfg)
 
 
 @torch.no_grad()
@@ -39,3 +48,13 @@ def linear_probe(
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
     clf.fit(train_x, train_y)
     return float(clf.score(test_x, test_y))
+
+
+def probe_accuracies(
+    features: Mapping[str, np.ndarray], labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray
+) -> dict[str, float]:
+    """One linear probe per named feature set, all on the same split: {name: test accuracy}."""
+    return {
+        name: linear_probe(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])
+        for name, f in features.items()
+    }
