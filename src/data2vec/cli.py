@@ -8,6 +8,7 @@
     data2vec demo [--out DIR]
     data2vec presets
     data2vec convert SRC DST [--to hf]
+    data2vec finetune --checkpoint RUN_DIR --task image_cls --train DIR --eval DIR --out FT_DIR [--set ...]
 """
 
 from __future__ import annotations
@@ -145,7 +146,51 @@ def _parser() -> argparse.ArgumentParser:
         help="data2vec (default): this library's folder (config.json + model.safetensors); "
         "hf: a transformers Data2Vec{Vision,Audio,Text} folder (data2vec 1.0 models only)",
     )
+    _add_finetune_parser(sub)
     return p
+
+
+def _add_finetune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from data2vec.finetune import TASKS
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained encoder on labelled data (docs/finetune.md)")
+    ft.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory, checkpoint folder, pretrained folder, transformers folder or fairseq checkpoint",
+    )
+    ft.add_argument("--task", required=True, choices=list(TASKS), help="what to fine-tune for")
+    ft.add_argument("--train", required=True, help="labelled training data (class folders, tars, TSV/JSONL, manifest)")
+    ft.add_argument("--eval", required=True, help="labelled eval data, same formats")
+    ft.add_argument("--out", required=True, help="output folder (best/, metrics.jsonl, metrics.png)")
+    ft.add_argument("--epochs", type=int, help="epochs (default: the task's preset)")
+    ft.add_argument("--batch-size", type=int, help="examples per step")
+    ft.add_argument("--lr", type=float, help="peak learning rate")
+    ft.add_argument("--scratch", action="store_true", help="same architecture, random init (a baseline)")
+    ft.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ft.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    ft.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32 (default)")
+    ft.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set layer_decay=0.75"
+    )
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from data2vec.extract import load_pretrained_state
+    from data2vec.finetune import finetune, finetune_preset
+
+    sugar = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer}
+    sugar.update(device=args.device, precision=args.precision)
+    flags = [f"{k}={v}" for k, v in sugar.items() if v is not None]
+    cfg = apply_overrides(finetune_preset(args.task), [*args.overrides, *flags])
+    pre = load_pretrained_state(args.checkpoint)
+    result = finetune(
+        pre.config if args.scratch else pre, cfg, args.train, args.eval, args.out, progress=not args.no_progress
+    )
+    best = Path(args.out) / "best"
+    print(f"best {result.metric} {result.best_metric:.4f} at epoch {result.best_epoch}; model in {best}")
+    return 0
 
 
 FLAG_KEYS = {"on_bad_input": "data.on_bad_input", "on_nan": "train.on_nan", "on_collapse": "train.on_collapse"}
@@ -330,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         if args.command == "extract":
             return _extract(args)
+        if args.command == "finetune":
+            return _finetune(args)
         if args.command == "presets":
             for name in sorted(PRESETS):
                 print(f"{name}: data2vec {' and '.join(f'{v}.0' for v in sorted(PRESETS[name]))}")
