@@ -1,0 +1,154 @@
+"""Shared parts of the real-data benchmarks (cifar10.py, speech.py, sst2.py): a CPU-time
+budgeted pretraining run, the pretrained-vs-scratch fine-tuning comparison, a linear probe
+of frozen features, and the results table (markdown + JSON) and plot.
+
+Not run in CI. Each script reads ../shared/data in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data2vec.config import RunConfig
+from data2vec.extract import Item, extract_items, load_pretrained_state
+from data2vec.finetune import FinetuneConfig, LabelledSet, finetune
+from data2vec.model import Data2Vec
+from data2vec.probe import linear_probe
+from data2vec.train import train
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+
+
+def pretrain_for(cfg: RunConfig, run_dir: Path, minutes: float, calib_steps: int = 4) -> tuple[Path, dict[str, Any]]:
+    """Pretrain with as many steps as fit in `minutes` (measured on a short calibration run),
+    so the cosine schedule ends at the budget. Returns (run dir, info)."""
+    calib = run_dir.with_name(run_dir.name + "-calib")
+    shutil.rmtree(calib, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ccfg = replace(cfg, train=replace(cfg.train, steps=calib_steps + 2, ckpt_every=10_000, log_every=1))
+    t0 = time.perf_counter()
+    res = train(ccfg, calib, progress=False, quiet=True)
+    elapsed = time.perf_counter() - t0
+    rates = [r["samples_per_sec"] for r in res.history[2:]]
+    per_step = cfg.data.batch_size / float(np.mean(rates)) if rates else elapsed / (calib_steps + 2)
+    shutil.rmtree(calib, ignore_errors=True)
+    steps = max(10, int(minutes * 60 / per_step))
+    warm = min(cfg.optim.warmup_steps, steps // 10)
+    cfg = replace(
+        cfg,
+        train=replace(cfg.train, steps=steps, ckpt_every=max(steps // 2, 1), collapse_after=steps + 1),
+        optim=replace(cfg.optim, warmup_steps=warm),
+    )
+    t0 = time.perf_counter()
+    result = train(cfg, run_dir, progress=False, quiet=True)
+    seconds = time.perf_counter() - t0
+    last = result.history[-1] if result.history else {}
+    info = {
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": per_step,
+        "final_loss": last.get("loss"),
+        "batch_size": cfg.data.batch_size,
+    }
+    print(f"pretrained {steps} steps in {seconds / 60:.1f} min (final loss {info['final_loss']})", flush=True)
+    return run_dir, info
+
+
+def compare_finetune(
+    run_dir: Path,
+    ft: FinetuneConfig,
+    train_set: LabelledSet,
+    eval_set: LabelledSet,
+    out: Path,
+) -> dict[str, dict[str, Any]]:
+    """The same fine-tuning recipe from the pretrained weights and from a random init."""
+    pre = load_pretrained_state(run_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, source in (("pretrained", pre), ("scratch", pre.config)):
+        r = finetune(source, ft, train_set, eval_set, out / f"ft-{name}", quiet=True)
+        rows[name] = {
+            "metric": r.metric,
+            "best": r.best_metric,
+            "best_epoch": r.best_epoch,
+            "last": r.history[-1][f"eval_{r.metric}"],
+            "seconds": r.seconds,
+            "history": r.history,
+        }
+        print(f"fine-tune {name}: best {r.metric} {r.best_metric:.4f} ({r.seconds / 60:.1f} min)", flush=True)
+    return rows
+
+
+def probe_compare(
+    run_dir: Path,
+    make_items: Callable[[LabelledSet], list[Item]],
+    train_set: LabelledSet,
+    test_set: LabelledSet,
+) -> dict[str, float]:
+    """Linear probe (logistic regression) on mean-pooled last-layer features, pretrained vs random init."""
+    pre = load_pretrained_state(run_dir)
+    out: dict[str, float] = {}
+    for name in ("pretrained", "scratch"):
+        torch.manual_seed(pre.config.train.seed)
+        model = Data2Vec.from_config(pre.config)
+        if name == "pretrained":
+            model.load_state_dict(pre.student, strict=False)
+        model.eval()
+        tr = extract_items(model, make_items(train_set), batch_size=64)
+        te = extract_items(model, make_items(test_set), batch_size=64)
+        layer = max(tr)
+        out[name] = linear_probe(tr[layer], np.asarray(train_set.targets), te[layer], np.asarray(test_set.targets))
+        print(f"linear probe {name}: {out[name]:.4f}", flush=True)
+    return out
+
+
+def write_results(
+    out: Path, title: str, rows: Sequence[tuple[str, str, str]], info: dict[str, Any], curves: dict[str, Any]
+) -> None:
+    """Markdown table + JSON + a plot of the eval metric per fine-tuning epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"### {title}", "", "| model | metric | value |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", *(f"- {k}: {v}" for k, v in info.items() if not isinstance(v, (dict, list)))]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "info": info, "curves": curves}, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, hist in curves.items():
+        metric = next(k for k in hist[0] if k.startswith("eval_") and k not in ("eval_loss", "eval_wer"))
+        ax.plot([h["epoch"] for h in hist], [h[metric] for h in hist], marker="o", label=name)
+        ax.set_ylabel(metric)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=100)
+    plt.close(fig)
