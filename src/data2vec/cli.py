@@ -272,6 +272,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         pipeline_for(cfg).check(cfg)  # fail now, in one line, on missing or empty data
         result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after, init=init)
+    from data2vec.distributed import finish, is_main_process
+
+    main_process = is_main_process()
+    finish()  # torchrun: leave the process group
+    if not main_process:
+        return 0
     print(f"finished at step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     for note in result.data_notes:
         print(note)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ from data2vec.checkpoint import Checkpoint, list_checkpoints, load_latest, remov
 from data2vec.config import ConfigError, OptimConfig, RunConfig
 from data2vec.data.images import BadInputError
 from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
+from data2vec.distributed import check_fsdp
+from data2vec.distributed import setup as setup_distributed
 from data2vec.model import Batch, Data2Vec, no_weight_decay
 from data2vec.schedules import cosine_lr, ema_decay
 
@@ -93,6 +95,10 @@ def _next_batch(it: Iterator[PretrainBatch], skipped: list[str], on_bad_input: s
             return b
 
 
+def _no_log(msg: str) -> None:
+    """Ranks other than 0 log nothing."""
+
+
 class _Log:
     def __init__(self, run_dir: Path, quiet: bool) -> None:
         self.path = run_dir / "train.log"
@@ -133,26 +139,33 @@ def train(
     elif list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(run_dir, quiet)
+    # Under torchrun: one process per rank; rank 0 alone writes files (distributed.py).
+    dist = setup_distributed(resolve_device(cfg.train.device), cfg.train.fsdp)
+    check_fsdp(cfg, dist, has_init=init is not None)
+    log: Callable[[str], None] = _Log(run_dir, quiet) if dist.is_main else _no_log
     if not resume:  # e.g. train a tokenizer; the saved config.json holds the result
-        cfg = pipeline_for(cfg).prepare(cfg, run_dir)
+        prepared = cfg
+        cfg = dist.on_main(lambda: pipeline_for(prepared).prepare(prepared, run_dir))
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = dist.device(resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     model = Data2Vec.from_config(cfg).to(device)
+    dist.seed(tc.seed)
+    step_model = dist.wrap(model, cfg, device)  # what the step calls: DDP/FSDP or the model itself
     optimizer = build_optimizer(model, cfg.optim)
-    remove_stale_temporaries(run_dir)
+    if dist.is_main:
+        remove_stale_temporaries(run_dir)
     # Counters that survive resumes and rewinds (saved in state.pt).
     run_state: dict[str, Any] = {"lr_scale": 1.0, "nan_skipped": 0, "rewinds": 0, "skipped_inputs": []}
 
     def restore(ck: Checkpoint, counters: bool = True) -> None:
         """Load weights, optimizer and RNG; with `counters`, also the run counters (a resume,
         not a rewind: a rewind keeps counting)."""
-        model.load_state_dict({**ck.student, **ck.teacher}, strict=True)
-        optimizer.load_state_dict(ck.state["optimizer"])
+        dist.load_checkpoint(model, optimizer, {**ck.student, **ck.teacher}, ck.state["optimizer"])
         torch.set_rng_state(ck.state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ck.state:
             torch.cuda.set_rng_state(ck.state["rng_cuda"], device)
+        dist.restore_rng(ck.state)
         if counters:
             for key in ("lr_scale", "nan_skipped", "rewinds"):
                 run_state[key] = ck.state.get(key, run_state[key])
@@ -170,50 +183,48 @@ def train(
         init = init if init is not None or not resume else _recorded_init(run_dir)
         if init is not None:
             log(_apply_init(model, init, run_dir))
-    if not resume:
+    if not resume and dist.is_main:
         cfg.save(run_dir / "config.json")
 
     history: list[dict[str, float]] = []
     skipped: list[str] = run_state["skipped_inputs"]
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if dist.is_main:
+        _truncate_metrics(metrics_path, start)
 
     if start >= tc.steps:
         log(f"run already finished ({start} of {tc.steps} steps)")
         return TrainResult(run_dir, start, model, history, skipped)
 
-    data, n_samples = build_pretrain_loader(cfg, start_batch=start * tc.grad_accum)
+    data, n_samples = build_pretrain_loader(cfg, start * tc.grad_accum, dist.rank, dist.world_size)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
         f"data2vec {cfg.model.version}.0 {cfg.model.modality} | {n_params / 1e6:.2f}M trainable params | "
         f"{n_samples} samples | batch {cfg.data.batch_size}x{tc.grad_accum} | {tc.precision} on {device}"
+        + (f" x {dist.world_size} processes{' (FSDP)' if dist.fsdp else ''}" if dist.enabled else "")
     )
     data_notes = [str(note) for note in getattr(data, "notes", ())]  # optional, per pipeline
     for note in data_notes:
         log(note)
 
     def save(step: int) -> None:
+        student, teacher, optim_state = dist.checkpoint_parts(model, optimizer)  # collective (FSDP)
         state: dict[str, Any] = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "step": step,
             "rng_cpu": torch.get_rng_state(),
             **run_state,
+            **dist.rng_states(),  # collective
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        path = save_checkpoint(
-            run_dir,
-            step,
-            model.student_state_dict(),
-            model.teacher_state_dict(),
-            cfg.to_dict(),
-            state,
-            keep_last=tc.keep_last,
-        )
-        log(f"saved checkpoint {path}")
+        if dist.is_main:
+            path = save_checkpoint(run_dir, step, student, teacher, cfg.to_dict(), state, keep_last=tc.keep_last)
+            log(f"saved checkpoint {path}")
+        dist.barrier()  # nobody reads or rewinds to a checkpoint before it is complete
 
     model.train()
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress or not dist.is_main, dynamic_ncols=True, unit="step")
     t_last, samples_since = time.perf_counter(), 0
     last_saved = start
     step = start
@@ -225,7 +236,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums: dict[str, float] = {}
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 b = _next_batch(data, skipped, cfg.data.on_bad_input)
                 batch = Batch(
                     b.inputs.to(device, non_blocking=True),
@@ -233,15 +244,17 @@ def train(
                     None if b.padding_mask is None else b.padding_mask.to(device, non_blocking=True),
                     None if b.student_inputs is None else b.student_inputs.to(device, non_blocking=True),
                 )
-                with autocast(device, tc.precision):
-                    out = model(batch)
-                (out.loss / tc.grad_accum).backward()
-                samples_since += batch.inputs.shape[0]
+                with dist.accumulating(step_model, last=micro == tc.grad_accum - 1):
+                    with autocast(device, tc.precision):
+                        out = step_model(batch)
+                    (out.loss / tc.grad_accum).backward()
+                samples_since += batch.inputs.shape[0] * dist.world_size
                 sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / tc.grad_accum
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
+            sums = dist.mean_metrics(sums)  # the same numbers, hence the same decisions, on every rank
             max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
             # Step 1: numbers. A non-finite loss or gradient never reaches the weights.
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
@@ -271,8 +284,9 @@ def train(
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 record["samples_per_sec"] = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if dist.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 bar.set_postfix(
                     loss=f"{sums['loss']:.4f}",
                     lr=f"{lr:.2e}",
@@ -298,8 +312,9 @@ def train(
                     run_state["rewinds"] += 1
                     run_state["lr_scale"] *= tc.rewind_lr_factor
                     step = last_saved = good.step
-                    _truncate_metrics(metrics_path, step)
-                    data, _ = build_pretrain_loader(cfg, start_batch=step * tc.grad_accum)
+                    if dist.is_main:
+                        _truncate_metrics(metrics_path, step)
+                    data, _ = build_pretrain_loader(cfg, step * tc.grad_accum, dist.rank, dist.world_size)
                     bar.reset(total=tc.steps)
                     bar.update(step)
                     log(
@@ -315,7 +330,8 @@ def train(
             if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
                 save(step)
                 last_saved = step
-                plot_loss_curve(metrics_path, run_dir / "loss.png")
+                if dist.is_main:
+                    plot_loss_curve(metrics_path, run_dir / "loss.png")
             if stopping and step < tc.steps:
                 log(f"stopping after step {step} as asked (--stop-after); resume with --resume {run_dir}")
                 break
@@ -325,13 +341,14 @@ def train(
     except BadInputError as e:
         # Keep what was done: checkpoint the last completed step before stopping.
         optimizer.zero_grad(set_to_none=True)
-        if step > last_saved:
+        if step > last_saved and not dist.enabled:  # saving is collective: other ranks may be elsewhere
             save(step)
         log(f"stopped on bad input at step {step}: {e}")
         raise
     finally:
         bar.close()
-        _write_summary(run_dir, step, run_state)
+        if dist.is_main:
+            _write_summary(run_dir, step, run_state)
         if skipped:
             unique = sorted(set(skipped))
             log(f"skipped {len(unique)} bad input(s):\n  " + "\n  ".join(unique))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from data2vec.config import EncoderConfig
 
@@ -218,5 +219,9 @@ class Encoder(nn.Module):
     ) -> BlockOutput:
         if self.training and self.cfg.layerdrop > 0 and float(torch.rand(())) < self.cfg.layerdrop:
             return BlockOutput(x, torch.zeros_like(x))
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing replays dropout with the saved RNG state.
+            ckpt: BlockOutput = checkpoint(blk, x, bias, positions, use_reentrant=False)
+            return ckpt
         out: BlockOutput = blk(x, bias, positions)
         return out
