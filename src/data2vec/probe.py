@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,3 +61,167 @@ def probe_accuracies(
         name: linear_probe(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])
         for name, f in features.items()
     }
+
+
+# ============================================================================ kNN, per-layer probes, online probe
+
+
+def knn_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Accuracy of a k-nearest-neighbour vote on cosine similarity, each neighbour weighted by
+    exp(similarity / temperature) (the DINO/InstDisc weighted kNN)."""
+    tr = torch.nn.functional.normalize(torch.from_numpy(np.asarray(train_x, np.float32)), dim=1)
+    te = torch.nn.functional.normalize(torch.from_numpy(np.asarray(test_x, np.float32)), dim=1)
+    classes, y = np.unique(np.asarray(train_y), return_inverse=True)
+    labels = torch.from_numpy(y.astype(np.int64))
+    k = min(k, len(tr))
+    correct = 0
+    for i in range(0, len(te), 1024):
+        sim = te[i : i + 1024] @ tr.T
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top), len(classes))
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        pred = classes[votes.argmax(1).numpy()]
+        correct += int((pred == np.asarray(test_y)[i : i + 1024]).sum())
+    return correct / max(len(te), 1)
+
+
+def layer_probes(
+    train_feats: Mapping[int, np.ndarray],
+    train_y: np.ndarray,
+    test_feats: Mapping[int, np.ndarray],
+    test_y: np.ndarray,
+    average: bool = False,
+    knn_k: int = 20,
+    linear: bool = True,
+) -> dict[str, float]:
+    """Linear-probe and kNN accuracy per layer ({layer: (N, D)} features, as `extract` returns
+    them), plus, with `average`, on the mean of the layers' features:
+    {"linear_layer4": ..., "knn_layer4": ..., "linear_avg": ..., "knn_avg": ...}."""
+    sets: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        f"layer{n}": (np.asarray(train_feats[n]), np.asarray(test_feats[n])) for n in train_feats
+    }
+    if average and len(train_feats) > 1:
+        sets["avg"] = (
+            np.mean([np.asarray(v) for v in train_feats.values()], axis=0),
+            np.mean([np.asarray(v) for v in test_feats.values()], axis=0),
+        )
+    out: dict[str, float] = {}
+    for name, (tr, te) in sets.items():
+        if linear:
+            out[f"linear_{name}"] = linear_probe(tr, train_y, te, test_y)
+        out[f"knn_{name}"] = knn_accuracy(tr, train_y, te, test_y, k=knn_k)
+    return out
+
+
+class OnlineProbe:
+    """Probes of the student during pretraining (`RunConfig.probe`): the labelled sets are read
+    once; every `probe.every` steps their features are extracted (eval mode, no masking) and
+    linear-probe and kNN accuracies are returned as `probe_*` metrics and plotted to probe.png."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        from data2vec.finetune import finetune_preset, read_labelled
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        pc = cfg.probe
+        task = {"image": "image_cls", "audio": "audio_cls", "text": "text_cls"}[cfg.model.modality]
+        fcfg = finetune_preset(task)
+        train = read_labelled(pc.train_data, fcfg, cfg)
+        test = read_labelled(pc.eval_data, fcfg, cfg, train.classes or None)
+        self.train_items = self._items(train, pc.max_samples)
+        self.test_items = self._items(test, pc.max_samples)
+        self.train_y = np.asarray(train.targets[: pc.max_samples])
+        self.test_y = np.asarray(test.targets[: pc.max_samples])
+
+    def _items(self, data: Any, limit: int) -> list[Any]:
+        from data2vec.data.images import eval_transform
+        from data2vec.extract import Item
+
+        cfg = self.cfg
+        modality = cfg.model.modality
+        items = []
+        for i in range(min(len(data), limit)):
+            raw = data.load(i)
+            if modality == "image":
+                icfg = cfg.model.image
+                x = eval_transform(raw, icfg.image_size, icfg.channels, cfg.data.mean, cfg.data.std)
+            elif modality == "audio":
+                x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+            else:
+                t = cfg.model.text
+                x = torch.tensor([t.bos_id, *list(raw)[: t.max_positions - 2], t.eos_id], dtype=torch.long)
+            items.append(Item(f"{i}", 1 if modality == "image" else int(x.shape[0]), partial(_same, x)))
+        return items
+
+    def __call__(self, model: Data2Vec, step: int) -> dict[str, float]:
+        """The probe metrics at `step` ({} when this is not a probe step)."""
+        from data2vec.extract import extract_items
+
+        pc = self.cfg.probe
+        if pc.every <= 0 or step % pc.every != 0:
+            return {}
+        layers = list(pc.layers) or None
+        tr = extract_items(model, self.train_items, layers, batch_size=64)
+        te = extract_items(model, self.test_items, layers, batch_size=64)
+        result = layer_probes(tr, self.train_y, te, self.test_y, average=pc.average_layers, knn_k=pc.knn_k)
+        return {f"probe_{k}": v for k, v in result.items()}
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+_ONLINE: dict[str, tuple[RunConfig, OnlineProbe]] = {}
+
+
+def online_probe(cfg: RunConfig, run_dir: Path, model: Data2Vec, step: int) -> dict[str, float]:
+    """The training loop's hook: {} when `cfg.probe` is off or `step` is not a probe step, else
+    the `probe_*` metrics (the labelled sets are read on the first call of a run), and probe.png
+    is redrawn from metrics.jsonl."""
+    if cfg.probe.every <= 0 or step % cfg.probe.every != 0:
+        return {}
+    key = str(Path(run_dir).resolve())
+    cached = _ONLINE.get(key)
+    if cached is None or cached[0] != cfg:
+        cached = _ONLINE[key] = (cfg, OnlineProbe(cfg, run_dir))
+    metrics = cached[1](model, step)
+    plot_probes(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "probe.png", {"step": step, **metrics})
+    return metrics
+
+
+def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None) -> None:
+    """probe_* accuracies against step, from metrics.jsonl (plus `latest`, not yet written there)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    if metrics_path.exists():
+        rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if any(k.startswith("probe_") for k in r)]
+    if latest is not None:
+        rows.append(dict(latest))
+    if not rows:
+        return
+    names = sorted({k for r in rows for k in r if k.startswith("probe_")})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+        pts = [(r["step"], r[name]) for r in rows if name in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name.removeprefix("probe_"))
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("probe accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)

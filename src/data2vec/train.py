@@ -281,6 +281,10 @@ def train(
                 "grad_norm": grad_norm,
                 "ema_decay": ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, anneal_steps(cfg)),
             }
+            if cfg.probe.every and (step + 1) % cfg.probe.every == 0:  # online probe (probe.py)
+                from data2vec.probe import online_probe
+
+                record.update(online_probe(cfg, run_dir, model, step + 1))
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 record["samples_per_sec"] = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0

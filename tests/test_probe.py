@@ -1,0 +1,87 @@
+"""Probes: kNN and per-layer linear probes on frozen features, and the online probe in pretraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data2vec.config import ConfigError, apply_overrides
+from data2vec.probe import knn_accuracy, layer_probes, plot_probes
+from data2vec.train import train
+from test_finetune import image_config, write_images
+
+
+def test_knn_on_hand_made_points() -> None:
+    train_x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
+    train_y = np.array([0, 0, 1, 1, 1])
+    test_x = np.array([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_accuracy(train_x, train_y, test_x, np.array([0, 1]), k=1) == 1.0
+    assert knn_accuracy(train_x, train_y, test_x, np.array([1, 0]), k=1) == 0.0
+    # k = all points: the similarity weighting (temperature 0.07) still favours the near class.
+    assert knn_accuracy(train_x, train_y, test_x, np.array([0, 1]), k=5) == 1.0
+    # String labels work too; k larger than the training set is clipped.
+    assert knn_accuracy(train_x, np.array(list("aabbb")), test_x, np.array(["a", "b"]), k=50) == 1.0
+
+
+def test_layer_probes_per_layer_and_averaged() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    informative = rng.normal(0, 1, (40, 8)) + y[:, None] * 4.0
+    noise = rng.normal(0, 1, (40, 8))
+    tr = {1: noise[::2], 2: informative[::2]}
+    te = {1: noise[1::2], 2: informative[1::2]}
+    out = layer_probes(tr, y[::2], te, y[1::2], average=True, knn_k=3)
+    assert set(out) == {f"{m}_{n}" for m in ("linear", "knn") for n in ("layer1", "layer2", "avg")}
+    assert out["linear_layer2"] == 1.0 and out["knn_layer2"] == 1.0
+    assert out["knn_layer1"] < 0.9
+
+
+def test_probe_config_is_validated() -> None:
+    cfg = image_config()
+    with pytest.raises(ConfigError, match="probe.train_data"):
+        apply_overrides(cfg, ["probe.every=2"])
+    with pytest.raises(ConfigError, match="probe.every"):
+        apply_overrides(cfg, ["probe.every=3", "train.log_every=2", "probe.train_data=a", "probe.eval_data=b"])
+    with pytest.raises(ConfigError, match="probe.knn_k"):
+        apply_overrides(cfg, ["probe.knn_k=0"])
+    # Old config.json files without a probe section still load.
+    data = cfg.to_dict()
+    del data["probe"]
+    assert type(cfg).from_dict(data).probe.every == 0
+
+
+def test_online_probe_during_pretraining(tmp_path: Path) -> None:
+    write_images(tmp_path / "train", n=6)
+    write_images(tmp_path / "eval", n=3)
+    cfg = apply_overrides(
+        image_config(),
+        [
+            "train.steps=4",
+            "train.log_every=1",
+            "probe.every=2",
+            f"probe.train_data={tmp_path / 'train'}",
+            f"probe.eval_data={tmp_path / 'eval'}",
+            "probe.layers=[1,2]",
+            "probe.average_layers=true",
+            "probe.knn_k=3",
+        ],
+    )
+    train(cfg, tmp_path / "run", progress=False, quiet=True)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probed = [r for r in rows if "probe_knn_layer2" in r]
+    assert [r["step"] for r in probed] == [2, 4]
+    for r in probed:
+        for name in ("linear_layer1", "linear_layer2", "knn_layer1", "linear_avg", "knn_avg"):
+            assert 0.0 <= r[f"probe_{name}"] <= 1.0
+        assert "loss" in r  # the same line as the step's training metrics
+    assert (tmp_path / "run" / "probe.png").stat().st_size > 0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+
+
+def test_plot_probes_without_probe_rows(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    plot_probes(tmp_path / "metrics.jsonl", tmp_path / "probe.png")
+    assert not (tmp_path / "probe.png").exists()
