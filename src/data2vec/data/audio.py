@@ -31,11 +31,14 @@ that crop. Micro-batch k of a run is a pure function of (seed, k), so runs resum
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
+import os
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import soundfile as sf
@@ -46,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import AudioDataConfig, RunConfig
 from data2vec.data.images import BadInputError
+from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 from data2vec.data.pipeline import PretrainBatch
 from data2vec.data.sampling import batch_generator, sample_seed
 from data2vec.masking import draw_masks
@@ -110,13 +114,52 @@ class AudioClip:
     """`samples` comes from a manifest (checked against the decoded length when read)."""
 
 
+class ClipTable(Sequence[AudioClip]):
+    """Clips stored column-wise (packed paths, int64 lengths): a few bytes per clip, so a
+    manifest of millions of clips fits in every loader worker (data/index.py)."""
+
+    def __init__(self, clips: Iterable[AudioClip] = ()) -> None:
+        self._paths = StringTableBuilder()
+        self._samples: array[int] = array("q")
+        self._listed: array[int] = array("b")
+        for c in clips:
+            self.append(c)
+
+    def append(self, clip: AudioClip) -> None:
+        self._paths.add(clip.path)
+        self._samples.append(clip.samples)
+        self._listed.append(int(clip.listed))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @overload
+    def __getitem__(self, index: int) -> AudioClip: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[AudioClip]: ...
+    def __getitem__(self, index: int | slice) -> AudioClip | list[AudioClip]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(index)
+        index %= n
+        b = self._paths
+        start = int(b.ends[index - 1]) if index else 0
+        path = bytes(b.data[start : int(b.ends[index])]).decode("utf-8", errors="surrogateescape")
+        return AudioClip(path, self._samples[index], bool(self._listed[index]))
+
+    def total_samples(self) -> int:
+        return int(np.frombuffer(self._samples, dtype=np.int64).sum()) if len(self) else 0
+
+
 @dataclass
 class AudioSource:
     """The usable clips of a folder or manifest, and what was left out."""
 
     location: str
     sample_rate: int
-    clips: list[AudioClip]
+    clips: Sequence[AudioClip]
     too_short: int = 0
     """Clips below min_sample_size, dropped."""
     min_samples: int = 0
@@ -128,6 +171,8 @@ class AudioSource:
 
     @property
     def seconds(self) -> float:
+        if isinstance(self.clips, ClipTable):
+            return self.clips.total_samples() / self.sample_rate
         return sum(c.samples for c in self.clips) / self.sample_rate
 
     def notes(self) -> list[str]:
@@ -144,18 +189,36 @@ class AudioSource:
 
 def read_manifest(path: Path) -> list[tuple[Path, int | None]]:
     """`path[<TAB>num_samples]` lines; an optional first line naming the root folder (fairseq)."""
-    try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a manifest (not UTF-8 text); give a folder of audio files or a TSV") from None
+    return list(iter_manifest(path))
+
+
+def iter_manifest(path: Path) -> Iterator[tuple[Path, int | None]]:
+    """`read_manifest`, streamed line by line (memory flat in the manifest's length)."""
+
+    def lines() -> Iterator[str]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for ln in f:
+                    ln = ln.rstrip("\r\n")
+                    if ln.strip():
+                        yield ln
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{path}: not a manifest (not UTF-8 text); give a folder of audio files or a TSV"
+            ) from None
+
+    it = lines()
+    first_line = next(it, None)
+    if first_line is None:
+        return
     root = path.parent
-    if lines and "\t" not in lines[0]:
-        first = Path(lines[0].strip())
+    pending: list[str] = [first_line]
+    if "\t" not in first_line:
+        first = Path(first_line.strip())
         if first.is_dir() or first.suffix.lower() not in (*AUDIO_EXTENSIONS, *_OTHER_AUDIO):
             root = first if first.is_absolute() else path.parent / first
-            lines = lines[1:]
-    entries: list[tuple[Path, int | None]] = []
-    for lineno, line in enumerate(lines, start=1):
+            pending = []
+    for lineno, line in enumerate(itertools.chain(pending, it), start=1):
         parts = line.split("\t")
         rel = Path(parts[0].strip())
         n: int | None = None
@@ -164,8 +227,7 @@ def read_manifest(path: Path) -> list[tuple[Path, int | None]]:
                 n = int(parts[1])
             except ValueError:
                 raise ValueError(f"{path}: line {lineno}: {parts[1]!r} is not a number of samples") from None
-        entries.append((rel if rel.is_absolute() else root / rel, n))
-    return entries
+        yield (rel if rel.is_absolute() else root / rel, n)
 
 
 def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> AudioSource:
@@ -173,20 +235,21 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    entries: list[tuple[Path, int | None]]
+    entries: Iterable[tuple[Path, int | None]]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
-        if not files:
+        files = sorted_table(walk_files(p, AUDIO_EXTENSIONS), sep=os.sep)
+        if not len(files):
             raise ValueError(f"{path}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
-        entries = [(f, None) for f in files]
+        entries = ((Path(f), None) for f in files)
     elif p.suffix.lower() in AUDIO_EXTENSIONS:
         entries = [(p, None)]
     else:
-        entries = read_manifest(p)
-        if not entries:
-            raise ValueError(f"{path}: the manifest lists no audio files")
-    source = AudioSource(str(path), cfg.sample_rate, [], min_samples=cfg.min_sample_size)
+        entries = iter_manifest(p)  # streamed: a long manifest is never held as a list
+    clips = ClipTable()
+    source = AudioSource(str(path), cfg.sample_rate, clips, min_samples=cfg.min_sample_size)
+    listed_any = False
     for f, n in entries:
+        listed_any = True
         listed = n is not None
         if n is None:
             try:
@@ -199,7 +262,9 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
         if n < cfg.min_sample_size:
             source.too_short += 1
             continue
-        source.clips.append(AudioClip(str(f), n, listed=listed))
+        clips.append(AudioClip(str(f), n, listed=listed))
+    if not listed_any:
+        raise ValueError(f"{path}: the manifest lists no audio files")
     if not source.clips:
         raise ValueError(
             f"{path}: no usable clips ({source.too_short} shorter than data.audio.min_sample_size="

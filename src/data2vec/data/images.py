@@ -20,6 +20,7 @@ import io
 import os
 import tarfile
 from abc import ABC, abstractmethod
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch import Tensor
+
+from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -85,14 +88,20 @@ class ImageFolderSource(ImageSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such folder")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
+        # A compact, streamed index (data/index.py): a few bytes per file, for folders of millions.
+        self.files = sorted_table(walk_files(self.root, IMAGE_EXTENSIONS), sep=os.sep)
+        if not len(self.files):
             raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.files = [str(p) for p in files]
-        classes = sorted({Path(f).parent.relative_to(self.root).as_posix() for f in self.files})
+        folder_ids: dict[str, int] = {}
+        ids = np.empty(len(self.files), dtype=np.int32)
+        for i, f in enumerate(self.files):
+            ids[i] = folder_ids.setdefault(os.path.dirname(f), len(folder_ids))
+        names = {i: Path(d).relative_to(self.root).as_posix() for d, i in folder_ids.items()}
+        classes = sorted(set(names.values()))
         self.classes = classes if len(classes) > 1 else []
         index = {c: i for i, c in enumerate(self.classes)}
-        self._labels = [index.get(Path(f).parent.relative_to(self.root).as_posix(), -1) for f in self.files]
+        lookup = np.array([index.get(names[i], -1) for i in range(len(names))], dtype=np.int64)
+        self._labels = lookup[ids]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -104,7 +113,7 @@ class ImageFolderSource(ImageSource):
         return _decode(self.files[index], self.files[index])
 
     def label(self, index: int) -> int | None:
-        return self._labels[index] if self.classes else None
+        return int(self._labels[index]) if self.classes else None
 
 
 class TarShardSource(ImageSource):
@@ -116,7 +125,9 @@ class TarShardSource(ImageSource):
         self.shards = shards
         self.problems: list[str] = []
         """Shards that are cut short or unreadable (kept only under on_bad_input='skip')."""
-        shard_ids, offsets, sizes, keys, labels = [], [], [], [], []
+        # Compact columns (no Python object per sample): see data/index.py.
+        shard_ids, offsets, sizes, labels = array("i"), array("q"), array("q"), array("q")
+        keys = StringTableBuilder()
         for s_id, shard in enumerate(shards):
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
             cls_values: dict[str, int] = {}
@@ -161,15 +172,15 @@ class TarShardSource(ImageSource):
                 shard_ids.append(s_id)
                 offsets.append(img.offset_data)
                 sizes.append(img.size)
-                keys.append(key)
+                keys.add(key)
                 labels.append(cls_values.get(key, -1))
-        if not keys:
+        if not keys.count:
             raise ValueError(f"{', '.join(shards)}: no images found in the tar shard(s)")
         self.shard_ids = np.asarray(shard_ids, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.keys = keys
+        self.keys = keys.finish()
         self._handles: dict[int, object] = {}
         self._pid = -1
 

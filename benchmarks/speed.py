@@ -1,0 +1,363 @@
+"""Pretraining and feature-extraction throughput: this library against the transformers peer.
+
+The peer is the data2vec 1.0 step a user would write today on transformers' Data2Vec*Model:
+an EMA teacher on the full input (top-K hidden states, instance-normed, averaged), the student
+with `bool_masked_pos` (vision), `mask_time_indices` (audio) or masked input ids (text), a
+linear head, smooth-L1 (vision) or L2 loss at masked positions, AdamW and a foreach EMA.
+Both start from identical weights (`save_hf`) and use the same masks. Our steps: 1.0 and 2.0
+(mask 0.8, one mask per sample), fp32 and bf16. FLOPs are counted with torch's FlopCounterMode
+for one step and divided by the median step time; the peak is a measured 2048^3 matmul.
+
+    python benchmarks/speed.py [--quick] [--threads 2] [--steps 5] [--out benchmarks/results/speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from data2vec.config import RunConfig, apply_overrides
+from data2vec.interop.hf import forward_like_hf, save_hf
+from data2vec.modalities.audio import conv_output_length
+from data2vec.model import Batch, Data2Vec
+from data2vec.presets import preset
+from data2vec.train import build_optimizer
+
+TARGETS = {
+    "ours 1.0 fp32 / peer fp32": 1.5,
+    "ours 1.0 bf16 / peer fp32": 3.0,
+    "ours 2.0 bf16 / peer fp32": 4.0,
+    "extract fp32 / transformers fp32": 1.2,
+    "extract bf16 / transformers bf16": 2.5,
+}
+
+
+def amp(precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
+
+
+def timed(fn: Callable[[], None], steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+# ---------------------------------------------------------------------- cases
+
+
+def case_config(modality: str, size: str, version: int, quick_dims: bool) -> RunConfig:
+    name = f"{modality}-{'tiny' if size == 'small' else 'base'}"
+    sets = ["model.encoder.dropout=0.0", "model.encoder.attn_dropout=0.0", "model.encoder.activation_dropout=0.0"]
+    sets += ["model.encoder.drop_path=0.0", "model.encoder.layerdrop=0.0"]
+    if modality == "image" and size == "small":
+        sets += ["model.image.image_size=[32,32]", "model.image.patch_size=4"]
+    if version == 2:
+        sets += ["masking.num_masks=1", "masking.mask_prob=0.8"]
+    if modality == "text":
+        sets += ["model.text.embed_dropout=0.0"]
+    return apply_overrides(preset(name, version), sets)
+
+
+def make_input(cfg: RunConfig, batch: int, length: int) -> torch.Tensor:
+    m = cfg.model
+    if m.modality == "image":
+        h, w = m.image.image_size
+        return torch.randn(batch, m.image.channels, h, w)
+    if m.modality == "audio":
+        return torch.randn(batch, length)
+    ids = torch.randint(4, m.text.vocab_size - 1, (batch, length))
+    ids[:, 0] = m.text.bos_id
+    return ids
+
+
+def our_batch(model: Data2Vec, x: torch.Tensor, g: torch.Generator) -> Batch:
+    m = model.cfg
+    if m.modality == "text":
+        drawn = model.frontend.input_masks(x, model.masking, g)
+        assert drawn is not None
+        return Batch(x, drawn[0], None, drawn[1])
+    if m.modality == "audio":
+        frames = conv_output_length(x.shape[1], m.audio.conv_layers)
+        return Batch(x, model.draw_masks(x.shape[0], g, (1, frames)))
+    return Batch(x, model.draw_masks(x.shape[0], g))
+
+
+def our_step(model: Data2Vec, batch: Batch, precision: str) -> Callable[[], None]:
+    opt = build_optimizer(model, model_cfg_optim())
+
+    def step() -> None:
+        with amp(precision):
+            out = model(batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_teacher(0.999)
+
+    return step
+
+
+def model_cfg_optim() -> Any:
+    return RunConfig().optim
+
+
+def hf_model(model: Data2Vec, folder: Path) -> torch.nn.Module:
+    import transformers
+
+    save_hf(model, folder)
+    cls = {"image": "Data2VecVisionModel", "audio": "Data2VecAudioModel", "text": "Data2VecTextModel"}
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    if model.cfg.modality == "image":
+        kwargs["use_mask_token"] = True
+    if model.cfg.modality == "audio":
+        kwargs["mask_time_prob"] = 0.05  # so the model holds masked_spec_embed
+    hf: torch.nn.Module = getattr(transformers, cls[model.cfg.modality]).from_pretrained(str(folder), **kwargs)
+    return hf
+
+
+def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str, top_k: int) -> Callable[[], None]:
+    """The data2vec 1.0 step on transformers' model."""
+    student = hf.train()
+    teacher = copy.deepcopy(hf).eval().requires_grad_(False)
+    dim = model.cfg.encoder.dim
+    head = torch.nn.Linear(dim, dim)
+    params = [*student.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    modality = model.cfg.modality
+    prefix = 1 if modality == "image" else 0
+    mask = batch.mask
+    assert mask is not None
+
+    def run(module: torch.nn.Module, student_side: bool) -> Any:
+        if modality == "image":
+            return module(
+                pixel_values=batch.inputs, bool_masked_pos=mask if student_side else None, output_hidden_states=True
+            )
+        if modality == "audio":
+            return module(batch.inputs, mask_time_indices=mask if student_side else None, output_hidden_states=True)
+        ids = batch.student_inputs if student_side else batch.inputs
+        return module(input_ids=ids, output_hidden_states=True)
+
+    def step() -> None:
+        with amp(precision):
+            with torch.no_grad():
+                hs = run(teacher, False).hidden_states[-top_k:]
+                layers = [F.instance_norm(h[:, prefix:].float().transpose(1, 2)).transpose(1, 2) for h in hs]
+                y = sum(layers) / len(layers)
+            out = run(student, True).last_hidden_state[:, prefix:]
+            pred = head(out[mask]).float()
+            target = y[mask]
+            is_image = modality == "image"
+            loss = F.smooth_l1_loss(pred, target, beta=2.0) if is_image else F.mse_loss(pred, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t = list(teacher.parameters())
+            torch._foreach_lerp_(t, [p.detach() for p in student.parameters()], 0.001)
+
+    return step
+
+
+def pretrain_rows(modality: str, size: str, batch: int, length: int, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for version in (1, 2):
+        cfg = case_config(modality, size, version, True)
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            model = Data2Vec.from_config(cfg).train()
+            x = make_input(cfg, batch, length)
+            b = our_batch(model, x, torch.Generator().manual_seed(0))
+            step = our_step(model, b, precision)
+            sec = timed(step, steps)
+            rows.append(_row("ours", version, precision, modality, size, batch, sec, count_flops(step)))
+            if version == 1 and precision == "fp32":
+                with tempfile.TemporaryDirectory() as d:
+                    torch.manual_seed(0)
+                    fresh = Data2Vec.from_config(cfg)
+                    hf = hf_model(fresh, Path(d))
+                    pstep = peer_step(hf, fresh, b, precision, cfg.targets.top_k)
+                    psec = timed(pstep, steps)
+                    rows.append(_row("peer", 1, precision, modality, size, batch, psec, count_flops(pstep)))
+    return rows
+
+
+def _row(
+    who: str, version: int, precision: str, modality: str, size: str, batch: int, sec: float, flops: float
+) -> dict[str, Any]:
+    return {
+        "who": who,
+        "mode": f"{version}.0",
+        "precision": precision,
+        "case": f"{modality} {size}",
+        "batch": batch,
+        "sec_per_step": sec,
+        "samples_per_sec": batch / sec,
+        "flops_per_step": flops,
+        "flops_per_sec": flops / sec,
+    }
+
+
+def extract_rows(modality: str, size: str, batch: int, length: int, steps: int) -> list[dict[str, Any]]:
+    cfg = case_config(modality, size, 1, True)
+    torch.manual_seed(0)
+    model = Data2Vec.from_config(cfg).eval()
+    x = make_input(cfg, batch, length)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        hf = hf_model(model, Path(d)).eval()
+        for precision in ("fp32", "bf16"):
+
+            def ours(precision: str = precision) -> None:
+                with torch.inference_mode(), amp(precision):
+                    model.encode(x)
+
+            def theirs(precision: str = precision) -> None:
+                with torch.inference_mode(), amp(precision):
+                    hf(x, output_hidden_states=True)
+
+            with torch.inference_mode(), amp(precision):
+                a = forward_like_hf(model, x).last_hidden_state.float()
+                b = hf(x).last_hidden_state.float()
+            rel = float((a - b).norm() / b.norm())
+            t_ours, t_theirs = timed(ours, steps), timed(theirs, steps)
+            rows.append(
+                {
+                    "case": f"{modality} {size}",
+                    "precision": precision,
+                    "batch": batch,
+                    "ours_samples_per_sec": batch / t_ours,
+                    "transformers_samples_per_sec": batch / t_theirs,
+                    "ratio": t_theirs / t_ours,
+                    "rel_diff": rel,
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------- report
+
+
+def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for case in sorted({r["case"] for r in pre}):
+        rs = {(r["who"], r["mode"], r["precision"]): r["samples_per_sec"] for r in pre if r["case"] == case}
+        peer = rs.get(("peer", "1.0", "fp32"))
+        if peer is None:
+            continue
+        for label, key in (
+            ("ours 1.0 fp32 / peer fp32", ("ours", "1.0", "fp32")),
+            ("ours 1.0 bf16 / peer fp32", ("ours", "1.0", "bf16")),
+            ("ours 2.0 bf16 / peer fp32", ("ours", "2.0", "bf16")),
+        ):
+            value = rs[key] / peer
+            out.append({"case": case, "measure": label, "ratio": value, "target": TARGETS[label]})
+    for r in ext:
+        label = f"extract {r['precision']} / transformers {r['precision']}"
+        out.append({"case": r["case"], "measure": label, "ratio": r["ratio"], "target": TARGETS[label]})
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"Machine: {result['machine']}; {result['threads']} threads; torch {result['torch']}", ""]
+    lines += ["| measured matmul peak | TFLOP/s |", "|---|---|"]
+    lines += [f"| {k} | {v / 1e12:.2f} |" for k, v in result["peak"].items()]
+    lines += ["", "| case | who | mode | precision | batch | ms/step | samples/s | GFLOP/step | % of peak |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for r in result["pretrain"]:
+        peak = result["peak"]["bf16" if r["precision"] == "bf16" else "fp32"]
+        lines.append(
+            f"| {r['case']} | {r['who']} | {r['mode']} | {r['precision']} | {r['batch']} | "
+            f"{1000 * r['sec_per_step']:.0f} | {r['samples_per_sec']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
+            f"{100 * r['flops_per_sec'] / peak:.0f}% |"
+        )
+    lines += [
+        "",
+        "| feature extraction | precision | batch | ours samples/s | transformers samples/s | ratio | rel. diff |",
+    ]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in result["extract"]:
+        lines.append(
+            f"| {r['case']} | {r['precision']} | {r['batch']} | {r['ours_samples_per_sec']:.1f} | "
+            f"{r['transformers_samples_per_sec']:.1f} | {r['ratio']:.2f}x | {r['rel_diff']:.1e} |"
+        )
+    lines += ["", "| case | measure | ratio | target | met |", "|---|---|---|---|---|"]
+    for r in result["ratios"]:
+        met = "yes" if r["ratio"] >= r["target"] else "**no**"
+        lines.append(f"| {r['case']} | {r['measure']} | {r['ratio']:.2f}x | >= {r['target']}x | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small cases only (image 32/4, audio 1 s, text 128)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (median)")
+    ap.add_argument("--out", default="benchmarks/results/speed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 5)
+    # (modality, size, batch, length): length = samples (audio) or tokens (text)
+    cases = [("image", "small", 16, 0), ("audio", "small", 4, 16_000), ("text", "small", 8, 128)]
+    if not args.quick:
+        cases += [("image", "base", 8, 0), ("audio", "base", 2, 160_000), ("text", "base", 4, 512)]
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "peak": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)},
+        "pretrain": [],
+        "extract": [],
+    }
+    for modality, size, batch, length in cases:
+        print(f"pretrain {modality} {size} ...", flush=True)
+        result["pretrain"] += pretrain_rows(modality, size, batch, length, steps)
+        print(f"extract {modality} {size} ...", flush=True)
+        result["extract"] += extract_rows(modality, size, batch, length, steps)
+    result["ratios"] = ratios(result["pretrain"], result["extract"])
+    text = markdown(result)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
