@@ -32,12 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain on your own data, or resume a run")
-    pre.add_argument("--modality", choices=list(MODALITIES), help="input modality (must match the preset)")
+    pre.add_argument(
+        "--modality",
+        help="input modality: image, audio or text (must match the preset); several, comma-separated "
+        "(image,audio,text), pretrain one shared model on all of them (docs/joint.md)",
+    )
     pre.add_argument(
         "--data",
+        nargs="+",
         help="images: folder, tar shard(s) (file, folder or glob) or builtin:digits; "
         "audio: folder of wav/flac/ogg or a manifest TSV; "
-        "text: .txt/.jsonl/.tsv file or a folder of them",
+        "text: .txt/.jsonl/.tsv file or a folder of them; joint runs: MODALITY=PATH per modality",
     )
     pre.add_argument(
         "--on-bad-input",
@@ -125,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help="padded samples/tokens per batch (default: per modality)"
     )
     ext.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ext.add_argument("--modality", help="which modality of a joint checkpoint (image, audio or text)")
     ext.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -168,6 +174,7 @@ def _add_finetune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     ft.add_argument("--lr", type=float, help="peak learning rate")
     ft.add_argument("--scratch", action="store_true", help="same architecture, random init (a baseline)")
     ft.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ft.add_argument("--modality", help="which modality of a joint checkpoint (default: the task's)")
     ft.add_argument("--device", help="auto (default), cpu or cuda[:N]")
     ft.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32 (default)")
     ft.add_argument(
@@ -177,14 +184,17 @@ def _add_finetune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from data2vec.extract import load_pretrained_state
+    from data2vec.extract import ModalityRequired, load_pretrained_state
     from data2vec.finetune import finetune, finetune_preset
 
     sugar = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer}
     sugar.update(device=args.device, precision=args.precision)
     flags = [f"{k}={v}" for k, v in sugar.items() if v is not None]
     cfg = apply_overrides(finetune_preset(args.task), [*args.overrides, *flags])
-    pre = load_pretrained_state(args.checkpoint)
+    try:
+        pre = load_pretrained_state(args.checkpoint, args.modality)
+    except ModalityRequired:  # a joint checkpoint: the task's modality
+        pre = load_pretrained_state(args.checkpoint, cfg.modality)
     result = finetune(
         pre.config if args.scratch else pre, cfg, args.train, args.eval, args.out, progress=not args.no_progress
     )
@@ -247,6 +257,15 @@ def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfi
 def _pretrain(args: argparse.Namespace) -> int:
     from data2vec.train import train
 
+    if _is_joint_pretrain(args):
+        return _pretrain_joint(args)
+    if args.modality and args.modality not in MODALITIES:
+        raise ConfigError(f"modality: {args.modality!r} is not one of {', '.join(MODALITIES)}")
+    if args.data is not None:
+        if len(args.data) != 1:
+            raise ConfigError("data: give one path (MODALITY=PATH pairs are for joint runs: --modality image,audio)")
+        args.data = args.data[0]
+
     if args.resume:
         if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
             raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
@@ -286,10 +305,67 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_joint_pretrain(args: argparse.Namespace) -> bool:
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        return saved.is_file() and '"kind": "joint"' in saved.read_text()
+    if args.config:
+        return '"kind": "joint"' in Path(args.config).read_text() if Path(args.config).is_file() else False
+    return bool(args.modality and "," in args.modality) or (args.preset or "").startswith("joint")
+
+
+def _pretrain_joint(args: argparse.Namespace) -> int:
+    """`pretrain --modality image,audio,text --data image=PATH audio=PATH text=PATH` (data2vec.joint)."""
+    from data2vec.joint import JointConfig, check_joint_data, joint_preset, train_joint, with_data
+
+    if args.resume:
+        if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
+            raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
+        run = Path(args.resume)
+        result = train_joint(None, run, resume=True, progress=not args.no_progress, stop_after=args.stop_after)
+    else:
+        if not args.out:
+            raise ConfigError("out: give --out RUN_DIR")
+        if args.init:
+            raise ConfigError("init: --init is not available for joint pretraining")
+        mods = [m.strip() for m in (args.modality or "").split(",") if m.strip()]
+        for m in mods:
+            if m not in MODALITIES:
+                raise ConfigError(f"modality: {m!r} is not one of {', '.join(MODALITIES)}")
+        if args.config:
+            cfg = JointConfig.load(args.config)
+        else:
+            cfg = joint_preset(args.preset or "joint-tiny", mods or MODALITIES, args.version)
+        if mods and set(mods) != set(cfg.modalities):
+            raise ConfigError(f"modality: --modality {','.join(mods)} but the config has {','.join(cfg.modalities)}")
+        paths: dict[str, str] = {}
+        for item in args.data or []:
+            m, sep, path = item.partition("=")
+            if not sep or m not in cfg.modalities:
+                names = ", ".join(cfg.modalities)
+                raise ConfigError(f"data: {item!r} is not MODALITY=PATH with MODALITY one of {names}")
+            paths[m] = path
+        cfg = with_data(cfg, paths)
+        flags = [
+            f"{m}.{key}" if key.startswith("data.") else key
+            for key in _flag_overrides(args)
+            for m in (cfg.modalities if key.startswith("data.") else ("",))
+        ]
+        cfg = apply_overrides(cfg, [*args.overrides, *flags])
+        for m in cfg.modalities:
+            if not cfg.section(m).data.path:
+                raise ConfigError(f"data: no data for {m} (pass --data {m}=PATH)")
+        check_joint_data(cfg)  # fail now, in one line, on missing or empty data
+        result = train_joint(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
+    counts = ", ".join(f"{m} {n}" for m, n in result.steps_per_modality.items())
+    print(f"finished at step {result.step} ({counts}); checkpoints in {result.run_dir / 'checkpoints'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import importlib
 
-    names = list(DEMOS) if args.modality == "all" else [args.modality]
+    names = [n for n in DEMOS if n != "joint"] if args.modality == "all" else [args.modality]
     for name in names:
         if name not in DEMOS:
             raise ConfigError(f"modality: no demo for {name!r} (available: {', '.join(DEMOS)}, all)")
@@ -347,7 +423,7 @@ def _extract(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    pre = load_pretrained_state(args.checkpoint)
+    pre = load_pretrained_state(args.checkpoint, args.modality)
     model = build_model(pre).to(resolve_device(args.device))
     m = pre.config.model
     blocks = m.encoder.prenet_depth + m.encoder.depth

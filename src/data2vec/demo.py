@@ -141,4 +141,5 @@ DEMOS: dict[str, str] = {
     "image": "data2vec.demo:run_demo",
     "audio": "data2vec.demo_audio:run_demo",
     "text": "data2vec.demo_text:run_demo",
+    "joint": "data2vec.demo_joint:run_demo",  # one model for all three (data2vec.joint)
 }

@@ -52,6 +52,10 @@ DEFAULT_MAX_TOKENS = {"audio": 16_000 * 120, "text": 16_384, "image": 0}
 # ============================================================================ loading a model
 
 
+class ModalityRequired(ValueError):
+    """A joint checkpoint holds several modalities; the caller has to pick one."""
+
+
 @dataclass
 class Pretrained:
     """A pretrained model's config and student weights (this library's key names)."""
@@ -64,8 +68,9 @@ class Pretrained:
     """The file or folder it was read from."""
 
 
-def _own_checkpoint(path: Path) -> Pretrained | None:
-    """A training checkpoint folder or run directory of this library, or None."""
+def _own_checkpoint(path: Path, modality: str | None = None) -> Pretrained | None:
+    """A training checkpoint folder or run directory of this library, or None. A joint
+    checkpoint (several modalities, one encoder) gives the `modality` member."""
     from data2vec.checkpoint import load_checkpoint, load_latest
 
     if (path / "manifest.json").is_file():
@@ -77,7 +82,26 @@ def _own_checkpoint(path: Path) -> Pretrained | None:
         ck = found
     else:
         return None
-    return Pretrained(RunConfig.from_dict(ck.config), ck.student, f"checkpoint {ck.path} (step {ck.step})", str(path))
+    source = f"checkpoint {ck.path} (step {ck.step})"
+    if ck.config.get("kind") == "joint":
+        from data2vec.joint import JointConfig, member_weights
+
+        joint = JointConfig.from_dict(ck.config)
+        if modality is None:
+            raise ModalityRequired(
+                f"{path} is a joint checkpoint ({', '.join(joint.modalities)}): name the modality to load "
+                "(--modality, or modality=...)"
+            )
+        cfg = joint.member(modality)
+        return Pretrained(cfg, member_weights(ck.student, modality), f"{modality} of joint {source}", str(path))
+    cfg = RunConfig.from_dict(ck.config)
+    _check_modality(cfg, modality, path)
+    return Pretrained(cfg, ck.student, source, str(path))
+
+
+def _check_modality(cfg: RunConfig, modality: str | None, path: str | Path) -> None:
+    if modality is not None and modality != cfg.model.modality:
+        raise ValueError(f"{path}: a {cfg.model.modality} model, not {modality}")
 
 
 def _interop_load_source() -> Callable[[str | Path], Any] | None:
@@ -90,18 +114,20 @@ def _interop_load_source() -> Callable[[str | Path], Any] | None:
     return fn if callable(fn) else None
 
 
-def load_pretrained_state(path: str | Path) -> Pretrained:
+def load_pretrained_state(path: str | Path, modality: str | None = None) -> Pretrained:
     """Config and student weights from a run directory or training checkpoint of this library,
     or, through `data2vec.interop` when present, our pretrained folder, a transformers model or a
-    fairseq checkpoint (a fairseq checkpoint is read directly otherwise)."""
+    fairseq checkpoint (a fairseq checkpoint is read directly otherwise). `modality` picks one
+    member of a joint checkpoint (required there); elsewhere it must match the model."""
     p = Path(path)
     if p.is_dir():
-        own = _own_checkpoint(p)
+        own = _own_checkpoint(p, modality)
         if own is not None:
             return own
     load_source = _interop_load_source()
     if load_source is not None:
         src = load_source(path)
+        _check_modality(src.config, modality, path)
         student = {k: v for k, v in src.state_dict.items() if not k.startswith("teacher.")}
         return Pretrained(src.config, student, f"{src.kind} {src.path}", str(path))
     if not p.exists():
@@ -110,6 +136,7 @@ def load_pretrained_state(path: str | Path) -> Pretrained:
 
     if is_fairseq_checkpoint(p):
         cfg, sd = load_fairseq(p)
+        _check_modality(cfg, modality, path)
         student = {k: v for k, v in sd.items() if not k.startswith("teacher.")}
         return Pretrained(cfg, student, f"fairseq {p}", str(path))
     raise ValueError(f"{path}: not a run directory, training checkpoint or fairseq checkpoint")
@@ -129,9 +156,9 @@ def build_model(pre: Pretrained) -> Data2Vec:
     return model.eval()
 
 
-def load_model(path: str | Path) -> Data2Vec:
-    """`build_model(load_pretrained_state(path))`."""
-    return build_model(load_pretrained_state(path))
+def load_model(path: str | Path, modality: str | None = None) -> Data2Vec:
+    """`build_model(load_pretrained_state(path, modality))`."""
+    return build_model(load_pretrained_state(path, modality))
 
 
 # ============================================================================ the forward pass

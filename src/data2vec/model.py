@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from data2vec.config import LossConfig, MaskingConfig, ModelConfig, RunConfig, TargetConfig, TeacherConfig
 from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
-from data2vec.modalities import Tokens, build_frontend
+from data2vec.modalities import Frontend, Tokens, build_frontend
 from data2vec.nn.decoder import ConvDecoder
 from data2vec.nn.transformer import Block, Encoder, EncoderOutput
 from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss
@@ -65,6 +65,16 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def build_head(model: ModelConfig, frontend: Frontend) -> nn.Module:
+    """The pretraining head: a linear (or 2-layer) regression head in 1.0, the conv decoder in 2.0."""
+    dim = model.encoder.dim
+    if model.version == 1:
+        if model.head_layers == 1:
+            return nn.Linear(dim, dim)
+        return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+    return ConvDecoder(model.decoder, dim, frontend.grid if frontend.decoder_2d else None)
+
+
 class Data2Vec(nn.Module):
     def __init__(
         self,
@@ -77,18 +87,9 @@ class Data2Vec(nn.Module):
         super().__init__()
         self.cfg, self.masking, self.target_cfg, self.loss_cfg = model, masking, targets, loss
         self.teacher_cfg = teacher
-        dim = model.encoder.dim
         self.frontend = build_frontend(model)
         self.encoder = Encoder(model.encoder, self.frontend.make_position_bias)
-        if model.version == 1:
-            self.head: nn.Module = (
-                nn.Linear(dim, dim)
-                if model.head_layers == 1
-                else nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-            )
-        else:
-            grid = self.frontend.grid if self.frontend.decoder_2d else None
-            self.head = ConvDecoder(model.decoder, dim, grid)
+        self.head = build_head(model, self.frontend)
         self._init_weights()
         # Built last, from the initialised student: the teacher starts as an exact copy.
         self.teacher = EMATeacher(self.student_parts())
@@ -97,11 +98,27 @@ class Data2Vec(nn.Module):
     def from_config(cls, cfg: RunConfig) -> Data2Vec:
         return cls(cfg.model, cfg.masking, cfg.teacher, cfg.targets, cfg.loss)
 
+    @classmethod
+    def from_parts(
+        cls, cfg: RunConfig, frontend: Frontend, encoder: Encoder, head: nn.Module, teacher: EMATeacher
+    ) -> Data2Vec:
+        """A model made of existing modules, nothing built, copied or initialised: a view that
+        shares its parts with another owner (`joint.JointData2Vec` shares one encoder and one
+        teacher between several modalities this way)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.cfg, self.masking, self.target_cfg, self.loss_cfg = cfg.model, cfg.masking, cfg.targets, cfg.loss
+        self.teacher_cfg = cfg.teacher
+        self.frontend, self.encoder, self.head, self.teacher = frontend, encoder, head, teacher
+        return self
+
     # ------------------------------------------------------------------ structure
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, encoder: bool = True) -> None:
+        """Initialise the front-end and head, and (`encoder`) the encoder."""
         self.frontend.apply(_init_linear)
-        self.encoder.apply(_init_linear)
+        if encoder:
+            self.encoder.apply(_init_linear)
         if self.cfg.version == 1:
             self.head.apply(_init_linear)
         ctx = self.frontend.context
@@ -109,7 +126,7 @@ class Data2Vec(nn.Module):
             trunc_normal_(ctx.prefix)
         if ctx.mask_emb is not None:
             trunc_normal_(ctx.mask_emb)
-        if self.cfg.encoder.norm_order == "pre":
+        if encoder and self.cfg.encoder.norm_order == "pre":
             # BEiT: scale the residual-branch outputs down with depth.
             for i, blk in enumerate(self.encoder.blocks):
                 assert isinstance(blk, Block)

@@ -22,6 +22,16 @@ class EMATeacher(nn.Module):
         self.parts.float()
         super().train(False)
 
+    @classmethod
+    def wrap(cls, parts: dict[str, nn.Module]) -> EMATeacher:
+        """A teacher made of existing teacher modules, not copies: a view on (part of) another
+        teacher, e.g. one modality's parts of a joint model's teacher."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.parts = nn.ModuleDict(parts)
+        nn.Module.train(self, False)
+        return self
+
     def train(self, mode: bool = True) -> EMATeacher:
         # The teacher never trains: keep dropout and friends off whatever the parent does.
         return super().train(False)
