@@ -77,6 +77,20 @@ def pretrain_for(cfg: RunConfig, run_dir: Path, minutes: float, calib_steps: int
     return run_dir, info
 
 
+def reuse_pretrained(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A finished pretraining run (`--pretrained RUN_DIR`) instead of a new one, and its info."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    cfg = RunConfig.load(run_dir / "config.json")
+    info = {
+        "steps": rows[-1]["step"],
+        "seconds": float("nan"),
+        "final_loss": rows[-1]["loss"],
+        "batch_size": cfg.data.batch_size,
+        "reused": str(run_dir),
+    }
+    return run_dir, info
+
+
 def compare_finetune(
     run_dir: Path,
     ft: FinetuneConfig,

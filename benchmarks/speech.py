@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from common import DATA, compare_finetune, machine, pretrain_for, probe_compare, write_results
+from common import (
+    DATA,
+    compare_finetune,
+    machine,
+    pretrain_for,
+    probe_compare,
+    reuse_pretrained,
+    write_results,
+)
 from scipy.signal import stft
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -48,6 +56,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
     p.add_argument("--every", type=int, default=1, help="use every N-th clip (a quick smoke run)")
     p.add_argument("--out", default="benchmarks/results/speech", help="results table, JSON and plot")
     p.add_argument("--work", default="/tmp/data2vec-bench/speech", help="run directories (checkpoints)")
@@ -65,7 +74,10 @@ def main() -> None:
         preset("audio-tiny", 2),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=fp32", "train.log_every=10"],
     )
-    run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    if args.pretrained:
+        run_dir, pinfo = reuse_pretrained(Path(args.pretrained))
+    else:
+        run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
 
     def labelled(fs: list[Path], name: str) -> LabelledSet:
         wavs = [normalize_waveform(load_audio(f, 16_000)) for f in fs]
