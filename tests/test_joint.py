@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from PIL import Image
 
 from data2vec.checkpoint import list_checkpoints, load_checkpoint
 from data2vec.cli import main
@@ -271,3 +272,15 @@ def test_cli_joint_pretrain_and_extract(tmp_path: Path, capsys: pytest.CaptureFi
     assert np.load(tmp_path / "f.npy").shape == (1, 2, saved.encoder.dim)
     assert main(["extract", "--checkpoint", str(out), "--input", str(wav), "--out", str(tmp_path / "g.npy")]) == 2
     assert "--modality" in capsys.readouterr().err
+
+    # finetune takes the task's modality from a joint checkpoint
+    rng = np.random.default_rng(0)
+    for cls, level in (("bright", 200), ("dark", 40)):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = np.clip(level + rng.normal(0, 20, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "L").save(tmp_path / "img" / cls / f"{i}.png")
+    img, ft = str(tmp_path / "img"), str(tmp_path / "ft")
+    args = ["--train", img, "--eval", img, "--out", ft, "--epochs", "1", "--set", "batch_size=4", "--no-progress"]
+    assert main(["finetune", "--checkpoint", str(out), "--task", "image_cls", *args]) == 0
+    assert "best accuracy" in capsys.readouterr().out
