@@ -111,6 +111,14 @@ class _Log:
             tqdm.write(msg)
 
 
+
+def _batch_desc(cfg: RunConfig) -> str:
+    """The micro-batch as the log header states it: audio batches are by duration, not by count."""
+    d, masks = cfg.data, cfg.masking.num_masks if cfg.model.version == 2 else 1
+    size = f"<={d.audio.batch_seconds:g} s of audio" if cfg.model.modality == "audio" else str(d.batch_size)
+    return f"{size} x {masks} mask(s) x {cfg.train.grad_accum} accum"
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -200,7 +208,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
         f"data2vec {cfg.model.version}.0 {cfg.model.modality} | {n_params / 1e6:.2f}M trainable params | "
-        f"{n_samples} samples | batch {cfg.data.batch_size}x{tc.grad_accum} | {tc.precision} on {device}"
+        f"{n_samples} samples | batch {_batch_desc(cfg)} | {tc.precision} on {device}"
         + (f" x {dist.world_size} processes{' (FSDP)' if dist.fsdp else ''}" if dist.enabled else "")
     )
     data_notes = [str(note) for note in getattr(data, "notes", ())]  # optional, per pipeline
