@@ -221,7 +221,12 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
     if args.modality and args.modality != cfg.model.modality:
         raise ConfigError(f"modality: --modality {args.modality} but the config is for {cfg.model.modality}")
     if args.data:
-        cfg = replace(cfg, data=replace(cfg.data, path=args.data))
+        data = args.data
+        if isinstance(data, list):  # `--data` takes several values for joint runs
+            if len(data) != 1:
+                raise ConfigError("data.path: one --data PATH for a single-modality run")
+            data = data[0]
+        cfg = replace(cfg, data=replace(cfg.data, path=data))
     cfg = apply_overrides(cfg, [*args.overrides, *_flag_overrides(args)])
     if not cfg.data.path:
         raise ConfigError("data.path: no data given (pass --data PATH)")

@@ -111,7 +111,6 @@ class _Log:
             tqdm.write(msg)
 
 
-
 def _batch_desc(cfg: RunConfig) -> str:
     """The micro-batch as the log header states it: audio batches are by duration, not by count."""
     d, masks = cfg.data, cfg.masking.num_masks if cfg.model.version == 2 else 1
