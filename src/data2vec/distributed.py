@@ -232,8 +232,11 @@ def check_fsdp(cfg: RunConfig, d: Dist, has_init: bool = False) -> None:
 
 
 def finish() -> None:
-    """End the process group, if any (the CLI, after training)."""
+    """End the process group, if any (the CLI, after training). Every rank first waits for the
+    others: a gloo rank that tears its group down while a peer is still in a collective (rank 0
+    writing the last checkpoint) can abort at exit."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
