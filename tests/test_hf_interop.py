@@ -364,6 +364,7 @@ def test_training_checkpoint_and_run_dir(tmp_path: Path) -> None:
     cfg = small_image_v1()
     model = Data2Vec.from_config(cfg)
     save_checkpoint(tmp_path / "run", 7, model.student_state_dict(), model.teacher_state_dict(), cfg.to_dict(), {})
+    cfg.save(tmp_path / "run" / "config.json")  # a run directory holds the resolved config too
     source = load_source(tmp_path / "run")
     assert source.kind == "checkpoint" and source.config == cfg
     loaded = source.build_model()

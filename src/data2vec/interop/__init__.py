@@ -252,9 +252,9 @@ def load_source(src: str | Path) -> Source:
                 return load_hf(path).as_source()
             if (path / "manifest.json").is_file() and (path / "student.safetensors").is_file():
                 return _load_training_checkpoint(path)
-            if "model" in data:
+            if "model" in data and not (path / "checkpoints").is_dir():
                 return _load_own_folder(path)
-        if (path / "checkpoints").is_dir():
+        if (path / "checkpoints").is_dir():  # a run directory (its config.json is the run's)
             return _load_training_checkpoint(_latest_checkpoint(path))
     fs = fairseq_module()
     if path.exists() and fs is not None and fs.is_fairseq_checkpoint(path):
