@@ -228,7 +228,7 @@ def test_audio_v1_without_head_leaves_only_the_head_fresh(tmp_path: Path) -> Non
 
 def test_fine_tuned_speech_backbone_imports(tmp_path: Path) -> None:
     src_cfg, src, path = audio_v1_checkpoint(tmp_path, with_head=False)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     sd = {f"w2v_encoder.w2v_model.{k}": v for k, v in ck["model"].items() if k != "_ema"}
     sd["w2v_encoder.proj.weight"] = torch.randn(5, 32)
     sd["w2v_encoder.proj.bias"] = torch.randn(5)
@@ -576,7 +576,7 @@ def test_detection(tmp_path: Path) -> None:
 
 def test_unsupported_tensors_are_refused(tmp_path: Path) -> None:
     _, _, path = audio_v1_checkpoint(tmp_path)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     ck["model"]["encoder.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
     torch.save(ck, path)
     with pytest.raises(FairseqImportError, match="rotary"):
@@ -612,7 +612,7 @@ class Custom:
 def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     _, _, good = audio_v1_checkpoint(tmp_path)
-    ck = torch.load(good, weights_only=False)
+    ck = torch.load(good, weights_only=True)
     ck["cfg"] = {"model": ck["cfg"]["model"], "payload": _Evil(marker)}
     path = save(tmp_path / "evil.pt", ck)
     assert is_fairseq_checkpoint(path)  # detection reads strings only
@@ -624,7 +624,7 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
 
 def test_unknown_global_is_refused_by_name(tmp_path: Path) -> None:
     _, _, good = audio_v1_checkpoint(tmp_path)
-    ck = torch.load(good, weights_only=False)
+    ck = torch.load(good, weights_only=True)
     ck["extra_state"] = {"thing": Custom()}
     path = save(tmp_path / "custom.pt", ck)
     with pytest.raises(FairseqImportError, match=r"Custom"):
@@ -680,7 +680,7 @@ def test_omegaconf_like_config_is_read_inertly(tmp_path: Path, monkeypatch: pyte
     _fake_module(monkeypatch, "examples.data2vec.data.modality").Modality = Modality  # type: ignore[attr-defined]
 
     src_cfg, src, good = image_v2_checkpoint(tmp_path)
-    ck = torch.load(good, weights_only=False)
+    ck = torch.load(good, weights_only=True)
     meta = ck["cfg"]["model"]
     meta["supported_modality"] = Modality.IMAGE
 
