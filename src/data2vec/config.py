@@ -579,20 +579,30 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file + rename), so a crash never leaves half a config."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_config_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
+
+
+def write_config_json(data: dict[str, Any], path: str | Path) -> None:
+    """A config as indented JSON, written atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON, with a one-line ConfigError naming the file when it is missing or invalid."""
+    try:
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return data
 
 
 # ---------------------------------------------------------------- (de)serialising

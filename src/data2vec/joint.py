@@ -44,7 +44,9 @@ from data2vec.config import (
     TeacherConfig,
     TrainConfig,
     from_dict,
+    read_config_json,
     to_dict,
+    write_config_json,
 )
 from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
 from data2vec.modalities import build_frontend
@@ -167,20 +169,11 @@ class JointConfig:
         return from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_config_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> JointConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
 
 
 def is_joint(config: dict[str, Any]) -> bool:
