@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=5000, help="labelled training images (10%% = 5000)")
     p.add_argument("--test-limit", type=int, default=10000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
     p.add_argument("--out", default="benchmarks/results/cifar10", help="results table, JSON and plot")
     p.add_argument("--work", default="/tmp/data2vec-bench/cifar10", help="run directories (checkpoints)")
     args = p.parse_args()
@@ -58,8 +59,9 @@ def main() -> None:
             f"data.path={DATA / 'cifar10' / 'train-*.tar'}",
             "data.num_workers=0",
             "data.batch_size=64",
-            "train.precision=fp32",
+            "train.precision=bf16",
             "train.log_every=10",
+            *args.overrides,
         ],
     )
     run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
@@ -71,7 +73,7 @@ def main() -> None:
     train_set = labelled(train_src, np.arange(args.labels), "cifar10 train (labelled part)")
     test_set = labelled(test_src, test_idx, "cifar10 test")
 
-    ft = finetune_preset("image_cls", epochs=args.finetune_epochs, batch_size=64, log_every=10)
+    ft = finetune_preset("image_cls", epochs=args.finetune_epochs, batch_size=64, log_every=10, precision="bf16")
     ft = replace(ft, crop_scale=(0.5, 1.0))
     rows = compare_finetune(run_dir, ft, train_set, test_set, work)
 
@@ -110,6 +112,7 @@ def main() -> None:
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
         "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
+        "pretraining overrides": " ".join(args.overrides) or "none",
         "machine": machine(),
     }
     curves = {k: v["history"] for k, v in rows.items()}

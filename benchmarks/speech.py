@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
     p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
     p.add_argument("--every", type=int, default=1, help="use every N-th clip (a quick smoke run)")
     p.add_argument("--out", default="benchmarks/results/speech", help="results table, JSON and plot")
@@ -72,7 +73,7 @@ def main() -> None:
     manifest.write_text("".join(f"{f}\n" for f in train_files))
     cfg = apply_overrides(
         preset("audio-tiny", 2),
-        [f"data.path={manifest}", "data.num_workers=0", "train.precision=fp32", "train.log_every=10"],
+        [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
     if args.pretrained:
         run_dir, pinfo = reuse_pretrained(Path(args.pretrained))
@@ -87,7 +88,9 @@ def main() -> None:
 
     train_set = labelled(train_files, "fsdd train speakers")
     test_set = labelled(test_files, "fsdd george+lucas")
-    ft = finetune_preset("audio_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10)
+    ft = finetune_preset(
+        "audio_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10, precision="bf16"
+    )
     rows = compare_finetune(run_dir, ft, train_set, test_set, work)
 
     def items(data: LabelledSet) -> list[Item]:
@@ -122,6 +125,7 @@ def main() -> None:
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
         "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
+        "pretraining overrides": " ".join(args.overrides) or "none",
         "machine": machine(),
     }
     curves = {k: v["history"] for k, v in rows.items()}

@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=2000, help="labelled training sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
     p.add_argument("--out", default="benchmarks/results/sst2", help="results table, JSON and plot")
     p.add_argument("--work", default="/tmp/data2vec-bench/sst2", help="run directories (checkpoints)")
     args = p.parse_args()
@@ -47,8 +48,9 @@ def main() -> None:
             f"data.path={sst / 'train.tsv'}",
             "data.text.tsv_column=sentence",
             "data.num_workers=0",
-            "train.precision=fp32",
+            "train.precision=bf16",
             "train.log_every=10",
+            *args.overrides,
         ],
     )
     run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
@@ -57,7 +59,9 @@ def main() -> None:
     lines = (sst / "train.tsv").read_text(encoding="utf-8").splitlines()
     labelled_tsv = work / f"train-{args.labels}.tsv"
     labelled_tsv.write_text("\n".join(lines[: args.labels + 1]) + "\n")
-    ft = finetune_preset("text_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10)
+    ft = finetune_preset(
+        "text_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10, precision="bf16"
+    )
     train_set = read_labelled(labelled_tsv, ft, pre.config)
     dev_set = read_labelled(sst / "dev.tsv", ft, pre.config, train_set.classes)
     rows = compare_finetune(run_dir, ft, train_set, dev_set, work)
@@ -101,6 +105,7 @@ def main() -> None:
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
         "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
+        "pretraining overrides": " ".join(args.overrides) or "none",
         "machine": machine(),
     }
     curves = {k: v["history"] for k, v in rows.items()}

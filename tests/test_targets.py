@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data2vec.targets import build_targets, feature_std, instance_norm, loss_scale, regression_loss
+from data2vec.targets import build_targets, feature_std, instance_norm, loss_scale, regression_loss, relative_std
 
 # ------------------------------------------------------------------ hand-written references
 
@@ -207,3 +207,14 @@ def test_feature_std() -> None:
     y = torch.randn(4, 3, requires_grad=True)
     assert not feature_std(y).requires_grad
     assert feature_std(y.bfloat16()).dtype == torch.float32
+
+
+def test_relative_std_separates_varied_from_collapsed_tokens() -> None:
+    g = torch.Generator().manual_seed(4)
+    varied = torch.randn(2, 50, 8, generator=g)
+    assert float(relative_std(varied)) == pytest.approx(1.0, abs=0.1)
+    one_vector = torch.randn(8, generator=g).expand(2, 50, 8)
+    collapsed = one_vector + 0.01 * torch.randn(2, 50, 8, generator=g)
+    assert float(relative_std(collapsed)) < 0.02
+    assert float(relative_std(7.0 * varied)) == pytest.approx(float(relative_std(varied)), rel=1e-5)  # scale-free
+    assert float(relative_std(torch.zeros(4, 3))) == 0.0

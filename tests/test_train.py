@@ -163,3 +163,38 @@ def test_grad_accumulation_equals_full_batch_gradient() -> None:
     for n, p in model.named_parameters():
         if n in full:
             torch.testing.assert_close(p.grad, full[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_local_lr_scale_slows_or_freezes_the_local_encoder(tmp_path: Path, scale: float) -> None:
+    """`optim.local_lr_scale` moves the local encoder (patch embedding here) `scale` times as far
+    as the default; 0 leaves it exactly at its initial weights. `local_std` is logged."""
+    moved = {}
+    for s in (1.0, scale):
+        torch.manual_seed(0)
+        cfg = tiny_run_config(2, "train.steps=3", "train.ckpt_every=3", f"optim.local_lr_scale={s}")
+        model = train(cfg, tmp_path / f"run-{s}", progress=False, quiet=True).model
+        torch.manual_seed(0)
+        init = type(model).from_config(cfg)
+        local = dict(model.frontend.local.named_parameters())
+        start = dict(init.frontend.local.named_parameters())
+        moved[s] = max(float((local[k] - start[k]).detach().abs().max()) for k in local)
+        blocks = dict(model.encoder.named_parameters())
+        assert any(not torch.equal(v, dict(init.encoder.named_parameters())[k]) for k, v in blocks.items())
+    if scale == 0.0:
+        assert moved[scale] == 0.0
+    else:  # Adam: steps are about lr-sized, so the distance scales with the lr
+        assert 0.03 * moved[1.0] < moved[scale] < 0.3 * moved[1.0]
+    rows = [json.loads(ln) for ln in (tmp_path / f"run-{scale}" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 < r["local_std"] < 2.0 for r in rows)
+
+
+def test_local_lr_scale_one_keeps_the_two_group_optimizer() -> None:
+    """The default keeps the optimizer layout that older checkpoints were saved with."""
+    from data2vec.model import Data2Vec
+    from data2vec.train import build_optimizer
+
+    cfg = tiny_run_config(2)
+    opt = build_optimizer(Data2Vec.from_config(cfg), cfg.optim)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optim.weight_decay, 0.0]
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)

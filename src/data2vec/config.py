@@ -343,9 +343,14 @@ class OptimConfig:
     warmup_steps: int = 0
     clip_grad: float = 0.0
     """Max gradient norm; 0 disables clipping."""
+    local_lr_scale: float = 1.0
+    """Learning-rate factor for the local encoder (CNN / patch embedding / token embedding);
+    0 keeps it at its initial weights. Under Adam this, not a gradient multiplier (fairseq's
+    `feature_grad_mult`, which Adam's per-parameter normalisation cancels), sets how far it moves."""
 
     def validate(self, key: str) -> None:
         _check(self.lr > 0, f"{key}.lr", "must be positive")
+        _check(0 <= self.local_lr_scale <= 1, f"{key}.local_lr_scale", "must be in [0, 1]")
         _check(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, lr]")
         _check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", "must be in [0, 1)")
         _check(self.eps > 0, f"{key}.eps", "must be positive")

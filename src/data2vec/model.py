@@ -24,7 +24,7 @@ from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
 from data2vec.modalities import Frontend, Tokens, build_frontend
 from data2vec.nn.decoder import ConvDecoder
 from data2vec.nn.transformer import Block, Encoder, EncoderOutput
-from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss
+from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss, relative_std
 from data2vec.teacher import EMATeacher
 
 
@@ -44,7 +44,7 @@ class StepOutput(NamedTuple):
     loss: Tensor
     """Scalar objective (mean over masked tokens, plus the weighted CLS term)."""
     metrics: dict[str, Tensor]
-    """Detached scalars: loss_reg, loss_cls, target_std, pred_std, masked_tokens."""
+    """Detached scalars: loss_reg, loss_cls, target_std, pred_std, local_std, masked_tokens."""
 
 
 @torch.no_grad()
@@ -217,6 +217,7 @@ class Data2Vec(nn.Module):
                 student = batch.student_inputs if batch.student_inputs is not None else drawn[1]
                 batch = batch._replace(mask=drawn[0], student_inputs=student)
         tokens = self.frontend.local(batch.inputs, batch.padding_mask)  # once per sample
+        local_std = relative_std(tokens.x if tokens.padding_mask is None else tokens.x[~tokens.padding_mask])
         B, T, D = tokens.x.shape
         M = self.masking.num_masks if self.cfg.version == 2 else 1
         mask = batch.mask
@@ -281,6 +282,7 @@ class Data2Vec(nn.Module):
             "loss_cls": loss_cls.detach(),
             "target_std": feature_std(target),
             "pred_std": feature_std(pred),
+            "local_std": local_std,
             "masked_tokens": torch.tensor(float(target.shape[0])),
         }
         return StepOutput(loss, metrics)

@@ -94,3 +94,12 @@ def feature_std(x: Tensor) -> Tensor:
     if x.shape[0] < 2:
         return x.new_zeros(())
     return x.std(dim=0).mean()
+
+
+def relative_std(x: Tensor) -> Tensor:
+    """`feature_std` of (..., D) features over their root mean square: about 1 when tokens differ
+    as much as random features do, near 0 when every token is the same vector (a collapsed local
+    encoder: the CNN of speech models can learn to emit one frame everywhere)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    rms = x.pow(2).mean().sqrt()
+    return feature_std(x) / rms.clamp_min(1e-12)

@@ -67,18 +67,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-D parameters, biases, tokens and position tables."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    """AdamW; no weight decay on 1-D parameters, biases, tokens and position tables. Each group
+    carries an `lr_scale` (the local encoder's is `cfg.local_lr_scale`; at 0 it is left out)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        local = cfg.local_lr_scale != 1 and ".local." in f".{name}"
+        if local and cfg.local_lr_scale == 0:
+            continue
+        groups.setdefault((no_weight_decay(name, p), local), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                "lr_scale": cfg.local_lr_scale if local else 1.0,
+            }
+            for (no_decay, local), params in sorted(groups.items())
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+    )
 
 
 def anneal_steps(cfg: RunConfig) -> int:
@@ -241,7 +252,7 @@ def train(
                 step, tc.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps
             )
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             sums: dict[str, float] = {}
             for micro in range(tc.grad_accum):
                 b = _next_batch(data, skipped, cfg.data.on_bad_input)
