@@ -10,10 +10,11 @@ import soundfile as sf
 import torch
 from PIL import Image
 from tests.conftest import make_tiny_config
+from tests.helpers import tiny_audio_config, tiny_text_config
 
 from data2vec.checkpoint import save_checkpoint
 from data2vec.cli import main
-from data2vec.config import RunConfig, apply_overrides
+from data2vec.config import RunConfig
 from data2vec.extract import (
     extract,
     extract_path,
@@ -26,45 +27,15 @@ from data2vec.extract import (
 )
 from data2vec.modalities.audio import conv_output_length
 from data2vec.model import Data2Vec
-from data2vec.presets import preset
 from data2vec.tokenizer import TextTokenizer
-
-AUDIO = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=4",
-    "model.audio.conv_layers=[[16,10,5],[16,3,2],[16,3,2]]",
-    "model.audio.pos_conv_depth=2",
-    "model.audio.pos_conv_kernel=5",
-    "model.audio.pos_conv_groups=4",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=1",
-    "targets.top_k=2",
-    "train.precision=fp32",
-]
-
-TEXT = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.layers=1",
-    "model.text.max_positions=32",
-    "model.text.vocab_size=300",
-    "model.text.mask_id=4",
-    "data.text.block_size=32",
-    "targets.top_k=2",
-    "train.precision=fp32",
-]
 
 
 def audio_config(version: int) -> RunConfig:
-    return apply_overrides(preset("audio-tiny", version), AUDIO)
+    return tiny_audio_config(version)
 
 
 def text_config(version: int, *extra: str) -> RunConfig:
-    return apply_overrides(preset("text-tiny", version), [*TEXT, *extra])
+    return tiny_text_config(version, "model.text.vocab_size=300", *extra)
 
 
 def model_for(cfg: RunConfig, seed: int = 0) -> Data2Vec:

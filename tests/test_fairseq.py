@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from tests.conftest import make_tiny_config
+from tests.helpers import TINY_AUDIO_SHAPE
 from torch import Tensor
 
 from data2vec.config import RunConfig, apply_overrides
@@ -412,20 +413,7 @@ def test_image_v2_imports_exactly(tmp_path: Path) -> None:
     assert torch.equal(a["loss_reg"], b["loss_reg"]) and torch.equal(a["target_std"], b["target_std"])
 
 
-AUDIO_V2 = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=4",
-    "model.audio.conv_layers=[[16,10,5],[16,3,2],[16,3,2]]",
-    "model.audio.pos_conv_depth=2",
-    "model.audio.pos_conv_kernel=5",
-    "model.audio.pos_conv_groups=4",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=2",
-    "model.decoder.kernel_size=3",
-    "targets.top_k=2",
-]
+AUDIO_V2 = [*TINY_AUDIO_SHAPE, "model.decoder.layers=2", "model.decoder.kernel_size=3", "targets.top_k=2"]
 
 
 @pytest.mark.parametrize("per_layer_alibi", [False, True])

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
+from tests.helpers import tiny_audio_config, tiny_text_config
 
 from data2vec.cli import main
 from data2vec.config import ConfigError, RunConfig, apply_overrides
@@ -51,33 +52,6 @@ IMAGE = [
     "train.precision=fp32",
     "optim.warmup_steps=1",
 ]
-AUDIO = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=4",
-    "model.audio.conv_layers=[[16,10,5],[16,3,2],[16,3,2]]",
-    "model.audio.pos_conv_depth=2",
-    "model.audio.pos_conv_kernel=5",
-    "model.audio.pos_conv_groups=4",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=1",
-    "targets.top_k=2",
-    "train.precision=fp32",
-]
-TEXT = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.layers=1",
-    "model.text.max_positions=32",
-    "model.text.mask_id=4",
-    "data.text.block_size=32",
-    "targets.top_k=2",
-    "train.precision=fp32",
-]
-
 FAST = dict(epochs=2, batch_size=8, log_every=1, warmup_fraction=0.0)
 
 
@@ -85,17 +59,12 @@ def image_config(version: int = 2) -> RunConfig:
     return apply_overrides(preset("digits-tiny", version), IMAGE)
 
 
-def audio_config(version: int = 2) -> RunConfig:
-    return apply_overrides(preset("audio-tiny", version), AUDIO)
-
-
 def text_config(tmp: Path, version: int = 2) -> RunConfig:
     texts = [f"this movie is {w} and {v}" for w in ("good", "bad", "great", "awful") for v in ("fun", "dull", "long")]
     tok = TextTokenizer.train(texts * 5, vocab_size=300, min_frequency=1)
     tok.save(tmp / "tokenizer.json")
-    return apply_overrides(
-        preset("text-tiny", version),
-        [*TEXT, f"model.text.vocab_size={tok.vocab_size}", f"data.text.tokenizer={tmp / 'tokenizer.json'}"],
+    return tiny_text_config(
+        version, f"model.text.vocab_size={tok.vocab_size}", f"data.text.tokenizer={tmp / 'tokenizer.json'}"
     )
 
 
@@ -281,7 +250,7 @@ def test_audio_ctc_end_to_end_cnn_frozen(tmp_path: Path) -> None:
     (root / "train.tsv").write_text("\n".join(rows) + "\n")
     ft = finetune_preset("audio_ctc", **FAST, lr=1e-3, mask_length=3, mask_channel_length=4)
     assert ft.freeze_cnn and ft.mask_prob > 0
-    cfg = audio_config(1)
+    cfg = tiny_audio_config(1)
     torch.manual_seed(0)
     before, _ = build_finetune_model(cfg, None, ft, 4)
     result = finetune(cfg, ft, root / "train.tsv", root / "train.tsv", tmp_path / "ft", quiet=True)
@@ -296,7 +265,7 @@ def test_audio_ctc_end_to_end_cnn_frozen(tmp_path: Path) -> None:
 
 
 def test_fine_tuning_masks_are_on_in_training_only() -> None:
-    cfg = audio_config(2)
+    cfg = tiny_audio_config(2)
     ft = finetune_preset("audio_ctc", mask_length=2, mask_channel_length=4, mask_prob=0.5)
     model, _ = build_finetune_model(cfg, None, ft, 5)
     model.mask_prob, model.mask_length = 0.5, 2
@@ -314,7 +283,7 @@ def test_fine_tuning_masks_are_on_in_training_only() -> None:
 def test_audio_classification_from_class_folders(tmp_path: Path) -> None:
     write_audio_folder(tmp_path / "clips")
     ft = finetune_preset("audio_cls", **FAST, lr=1e-3, mask_length=2, max_sample_size=3000)
-    result = finetune(audio_config(2), ft, tmp_path / "clips", tmp_path / "clips", tmp_path / "ft", quiet=True)
+    result = finetune(tiny_audio_config(2), ft, tmp_path / "clips", tmp_path / "clips", tmp_path / "ft", quiet=True)
     _, _, meta = load_finetuned(tmp_path / "ft")
     assert meta["classes"] == ["high", "low"] and result.metric == "accuracy"
 
