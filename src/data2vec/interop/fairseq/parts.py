@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data2vec.config import AudioConfig, DecoderConfig, RunConfig
+from data2vec.config import AudioConfig, DecoderConfig, NormKind, RunConfig
 from data2vec.interop.fairseq.common import WB, FairseqImportError, Source, get, num
 
 
@@ -196,23 +196,24 @@ def decoder(
     )
 
 
+def _norm_kind(meta: Any, default: NormKind, *flags: tuple[str, NormKind]) -> NormKind:
+    """The kind of the first of fairseq's boolean `flags` that is true; "none" if all are false;
+    else (flags missing) `default`."""
+    for key, kind in flags:
+        if get(meta, key) is True:
+            return kind
+    if all(get(meta, key) is False for key, _ in flags):
+        return "none"
+    return default
+
+
 def objective_v1_v2(base: RunConfig, meta: Any, depth: int) -> dict[str, Any]:
     """targets / loss / teacher from fairseq's data2vec fields (shared by 1.0 audio/text and 2.0)."""
     t = base.targets
-    layer_norm = t.layer_norm
-    if get(meta, "instance_norm_target_layer") is True:
-        layer_norm = "instance"
-    elif get(meta, "layer_norm_target_layer") is True:
-        layer_norm = "layer"
-    elif get(meta, "instance_norm_target_layer") is False and get(meta, "layer_norm_target_layer") is False:
-        layer_norm = "none"
-    final_norm = t.final_norm
-    if get(meta, "layer_norm_targets") is True:
-        final_norm = "layer"
-    elif get(meta, "instance_norm_targets") is True:
-        final_norm = "instance"
-    elif get(meta, "layer_norm_targets") is False and get(meta, "instance_norm_targets") is False:
-        final_norm = "none"
+    layer_norm = _norm_kind(
+        meta, t.layer_norm, ("instance_norm_target_layer", "instance"), ("layer_norm_target_layer", "layer")
+    )
+    final_norm = _norm_kind(meta, t.final_norm, ("layer_norm_targets", "layer"), ("instance_norm_targets", "instance"))
     top_k = int(get(meta, "average_top_k_layers", default=t.top_k))
     targets = replace(
         t,
