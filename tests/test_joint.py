@@ -1,9 +1,10 @@
-"""Joint multimodal pretraining: one shared encoder, one EMA teacher, a modality mix per step,
-exact resume, and per-modality use of a joint checkpoint (extract, finetune inputs, CLI)."""
+"""Joint multimodal pretraining: one shared encoder, one EMA teacher, one modality or a batch of
+every modality per step, exact resume, and per-modality use of a joint checkpoint (extract, finetune inputs, CLI)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,12 @@ from data2vec.extract import extract, load_model, load_pretrained_state
 from data2vec.joint import (
     JointConfig,
     JointData2Vec,
+    backward_step,
     joint_config,
     member_weights,
     modality_for_step,
     step_plan,
+    step_weights,
     train_joint,
 )
 from data2vec.model import Batch, Data2Vec
@@ -90,7 +93,7 @@ def members(tmp_path: Path) -> dict[str, RunConfig]:
 
 
 def tiny_joint(
-    tmp_path: Path, modalities: tuple[str, ...] = ("image", "audio", "text"), **train: object
+    tmp_path: Path, modalities: tuple[str, ...] = ("image", "audio", "text"), step: str = "one", **train: object
 ) -> JointConfig:
     ms = members(tmp_path)
     first = ms[modalities[0]]
@@ -101,7 +104,13 @@ def tiny_joint(
         optim=first.optim,
         train=first.train,
     )
-    overrides = ["train.precision=fp32", "train.device=cpu", "train.log_every=1", "optim.warmup_steps=1"]
+    overrides = [
+        f"step={step}",
+        "train.precision=fp32",
+        "train.device=cpu",
+        "train.log_every=1",
+        "optim.warmup_steps=1",
+    ]
     return apply_overrides(cfg, overrides + [f"train.{k}={json.dumps(v)}" for k, v in train.items()])
 
 
@@ -144,11 +153,7 @@ def test_one_encoder_one_teacher_shared_by_every_modality(tmp_path: Path) -> Non
     # Every modality's loss sends gradient into the same encoder parameters.
     model.train()
     g = torch.Generator().manual_seed(0)
-    batches = {
-        "image": Batch(torch.randn(2, 1, 32, 32)),
-        "audio": Batch(torch.randn(2, 8000)),
-        "text": Batch(torch.randint(5, 300, (2, 24))),
-    }
+    batches = tiny_batches()
     for m, batch in batches.items():
         model.zero_grad(set_to_none=True)
         model(batch, m, g).loss.backward()
@@ -156,6 +161,38 @@ def test_one_encoder_one_teacher_shared_by_every_modality(tmp_path: Path) -> Non
         assert enc_ids <= with_grad, m
         others = [f for n, f in model.frontends.items() if n != m]
         assert all(p.grad is None for f in others for p in f.parameters()), m
+
+
+def tiny_batches() -> dict[str, Batch]:
+    return {
+        "image": Batch(torch.randn(2, 1, 32, 32)),
+        "audio": Batch(torch.randn(2, 8000)),
+        "text": Batch(torch.randint(5, 300, (2, 24))),
+    }
+
+
+def test_step_kind_is_validated(tmp_path: Path) -> None:
+    cfg = tiny_joint(tmp_path)
+    assert apply_overrides(cfg, ["step=mixed"]).step == "mixed"
+    with pytest.raises(ConfigError, match="step: 'both' is not one of 'one', 'mixed'"):
+        apply_overrides(cfg, ["step=both"])
+    with pytest.raises(ConfigError, match="step: 'both' is not one of 'one', 'mixed'"):
+        replace(cfg, step="both")  # type: ignore[arg-type]
+
+
+def test_mixed_step_sends_every_modality_gradient_in_one_step(tmp_path: Path) -> None:
+    cfg = tiny_joint(tmp_path, step="mixed")
+    weights = step_weights(cfg, 0)
+    assert weights == {"image": 0.25, "audio": 0.25, "text": 0.5} and step_weights(cfg, 7) == weights
+    torch.manual_seed(0)
+    model = JointData2Vec(cfg).train()
+    metrics, samples = backward_step(model, weights, tiny_batches().__getitem__, cfg.train, torch.device("cpu"))
+    assert list(metrics) == list(weights) and samples == 6
+    assert all(torch.isfinite(torch.tensor(ms["loss"])) for ms in metrics.values())
+    for m in cfg.modalities:
+        for part in (model.frontends[m], model.heads[m]):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), m
+    assert all(p.grad is not None for p in model.encoder.parameters())
 
 
 def test_single_modality_joint_starts_like_data2vec(tmp_path: Path) -> None:
@@ -166,6 +203,27 @@ def test_single_modality_joint_starts_like_data2vec(tmp_path: Path) -> None:
     single = Data2Vec.from_config(cfg.member("image"))
     a, b = member_weights(joint.student_state_dict(), "image"), single.student_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_training_logs_every_modality_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = tiny_joint(tmp_path, step="mixed", steps=3, ckpt_every=3, seed=1)
+    full = train_joint(cfg, tmp_path / "full", progress=False, quiet=True)
+    assert full.steps_per_modality == {"image": 3, "audio": 3, "text": 3}
+    assert step_plan(cfg, 0, 3) == ["image+audio+text"] * 3
+    for r in full.history:
+        assert r["modality"] == "image+audio+text"
+        losses = {m: r[f"loss_{m}"] for m in cfg.modalities}
+        assert all(np.isfinite(v) for v in losses.values())
+        expected = 0.25 * losses["image"] + 0.25 * losses["audio"] + 0.5 * losses["text"]
+        assert r["loss"] == pytest.approx(expected)
+
+    train_joint(cfg, tmp_path / "part", progress=False, quiet=True, stop_after=2)
+    resumed = train_joint(None, tmp_path / "part", resume=True, progress=False, quiet=True)
+    assert resumed.step == 3 and resumed.steps_per_modality == full.steps_per_modality
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(ln) for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full.history]
 
 
 def test_joint_training_mixes_modalities_and_resumes_exactly(tmp_path: Path) -> None:

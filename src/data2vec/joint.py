@@ -8,11 +8,13 @@ positional stage, nothing for text). Each modality's objective is exactly the
 single-modality `Data2Vec` objective: `member(m)` is a `Data2Vec` made of the shared parts
 (`Data2Vec.from_parts`), and `forward(batch, m)` calls it.
 
-Training (`train_joint`) takes one modality per optimizer step, drawn with the configured
-ratios by a pure function of (seed, step), so a resumed run draws the same sequence and each
-modality's data loader restarts at the batch it had reached. One modality per step is what
-fairseq does; it keeps every step a plain single-modality step (one loader, one batch shape,
-no padding across modalities), and the optimizer and EMA see the mixture over steps.
+Training (`train_joint`) has two step kinds (`JointConfig.step`). "one": one modality per
+optimizer step, drawn with the configured ratios by a pure function of (seed, step), as fairseq
+does; every step is a plain single-modality step and the optimizer and EMA see the mixture over
+steps. "mixed": every step takes one batch of EVERY modality and backpropagates the
+ratio-weighted mean of their losses, then one optimizer step and one EMA update. Either way a
+resumed run replays the same plan and each modality's data loader restarts at the batch it had
+reached.
 
 A checkpoint holds every front-end, decoder and the shared encoder (keys `encoder.*`,
 `frontends.<m>.*`, `heads.<m>.*`); `member_pretrained` turns it into an ordinary
@@ -28,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +70,10 @@ from data2vec.train import (
 
 # =========================================================================== configuration
 
+StepKind = Literal["one", "mixed"]
+"""What one optimizer step trains: one modality drawn by the ratios, or a batch of every modality."""
+STEP_KINDS: tuple[str, ...] = get_args(StepKind)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Ratios:
@@ -93,6 +99,10 @@ class JointConfig:
     audio: RunConfig | None = None
     text: RunConfig | None = None
     ratios: Ratios = field(default_factory=Ratios)
+    step: StepKind = "one"
+    """"one": each optimizer step trains one modality, drawn with `ratios` (the sampling weights).
+    "mixed": each step trains every modality, one batch of each (its `data.batch_size`), and
+    backpropagates the mean of their losses weighted by `ratios`."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -102,6 +112,8 @@ class JointConfig:
         self.teacher.validate("teacher")
         self.optim.validate("optim")
         self.train.validate("train")
+        if self.step not in STEP_KINDS:
+            raise ConfigError(f"step: {self.step!r} is not one of {', '.join(map(repr, STEP_KINDS))}")
         mods = self.modalities
         if not mods:
             raise ConfigError("joint: no modality configured (set image, audio and/or text)")
@@ -329,10 +341,79 @@ def modality_for_step(seed: int, step: int, modalities: Sequence[str], probabili
     return modalities[-1]
 
 
+def step_weights(cfg: JointConfig, step: int) -> dict[str, float]:
+    """The modalities trained at optimizer step `step`, each with the weight of its loss: the one
+    `modality_for_step` draws, weight 1 (`step="one"`); or every modality, weighted by its share of
+    the ratios (`step="mixed"`; the weights sum to 1)."""
+    if cfg.step == "mixed":
+        return dict(zip(cfg.modalities, cfg.probabilities(), strict=True))
+    return {modality_for_step(cfg.train.seed, step, cfg.modalities, cfg.probabilities()): 1.0}
+
+
 def step_plan(cfg: JointConfig, start: int, stop: int) -> list[str]:
-    """Modalities of steps start..stop-1."""
-    mods, probs = cfg.modalities, cfg.probabilities()
-    return [modality_for_step(cfg.train.seed, s, mods, probs) for s in range(start, stop)]
+    """Modalities of steps start..stop-1, as metrics.jsonl names them ("image+audio+text" for a mixed step)."""
+    return ["+".join(step_weights(cfg, s)) for s in range(start, stop)]
+
+
+def steps_per_modality(cfg: JointConfig, stop: int) -> dict[str, int]:
+    """How many of the optimizer steps 0..stop-1 train each modality."""
+    counts = dict.fromkeys(cfg.modalities, 0)
+    for s in range(stop):
+        for m in step_weights(cfg, s):
+            counts[m] += 1
+    return counts
+
+
+PER_MODALITY_METRICS = ("loss", "target_std", "pred_std")
+"""Logged per modality in every step record as `<name>_<modality>`."""
+
+
+def backward_step(
+    model: JointData2Vec,
+    weights: dict[str, float],
+    next_batch: Callable[[str], Batch],
+    train: TrainConfig,
+    device: torch.device,
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Forward and backward of one optimizer step (no optimizer update): for each modality in
+    `weights`, `train.grad_accum` batches from `next_batch(modality)`, each loss scaled by the
+    modality's weight, gradients accumulating. Backpropagating modality by modality gives the
+    gradient of the weighted sum while holding one modality's graph at a time. Returns each
+    modality's metrics (loss and `StepOutput.metrics`, means over the micro-batches) and the
+    number of samples seen."""
+    metrics: dict[str, dict[str, float]] = {}
+    samples = 0
+    for m, weight in weights.items():
+        sums: dict[str, float] = {}
+        for _ in range(train.grad_accum):
+            batch = next_batch(m)
+            with autocast(device, train.precision):
+                out = model(batch, m)
+            (out.loss * weight / train.grad_accum).backward()
+            samples += batch.inputs.shape[0]
+            for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / train.grad_accum
+        metrics[m] = sums
+    return metrics, samples
+
+
+def step_record(metrics: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
+    """A step's metrics.jsonl fields: `modality`, the weighted mean of every metric (`loss` is the
+    objective that was backpropagated), and `PER_MODALITY_METRICS` per modality."""
+    record: dict[str, Any] = {"modality": "+".join(metrics)}
+    for k in metrics[next(iter(metrics))]:
+        record[k] = sum(weights[m] * ms[k] for m, ms in metrics.items())
+    for m, ms in metrics.items():
+        record.update({f"{k}_{m}": ms[k] for k in PER_MODALITY_METRICS})
+    return record
+
+
+def _collapsed(metrics: dict[str, dict[str, float]], train: TrainConfig) -> str | None:
+    """The first modality whose target or prediction std fell below the collapse thresholds."""
+    for m, ms in metrics.items():
+        if ms["target_std"] < train.min_target_std or ms["pred_std"] < train.min_pred_std:
+            return m
+    return None
 
 
 # =========================================================================== training
@@ -381,10 +462,10 @@ def train_joint(
     stop_after: int | None = None,
 ) -> JointTrainResult:
     """Pretrain a joint model, writing checkpoints, metrics.jsonl and loss.png into `run_dir`
-    (the layout of `train.train`). Each step trains the modality `modality_for_step` draws;
-    metrics.jsonl records it per step. `resume` continues bit-exactly from the newest checkpoint
-    with the config saved in `run_dir` (`cfg` may be None then); `stop_after` checkpoints and
-    returns after that step."""
+    (the layout of `train.train`). Each step trains the modalities `step_weights` gives (one
+    drawn modality, or all of them: `cfg.step`); metrics.jsonl records them per step. `resume`
+    continues bit-exactly from the newest checkpoint with the config saved in `run_dir` (`cfg` may
+    be None then); `stop_after` checkpoints and returns after that step."""
     run_dir = Path(run_dir)
     if resume:
         saved = run_dir / "config.json"
@@ -426,8 +507,7 @@ def train_joint(
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
     mods = cfg.modalities
-    done = step_plan(cfg, 0, start)
-    counts = {m: done.count(m) for m in mods}
+    counts = steps_per_modality(cfg, start)
     history: list[dict[str, Any]] = []
     skipped: list[str] = run_state["skipped_inputs"]
     if start >= tc.steps:
@@ -441,7 +521,11 @@ def train_joint(
         log(f"{m}: {n} samples, batch {cfg.section(m).data.batch_size}x{tc.grad_accum}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probs = ", ".join(f"{m} {p:.2f}" for m, p in zip(mods, cfg.probabilities(), strict=True))
-    log(f"joint data2vec | {n_params / 1e6:.2f}M trainable params | modality mix {probs} | {tc.precision} on {device}")
+    mix = f"every modality per step, loss weights {probs}" if cfg.step == "mixed" else f"modality mix {probs}"
+    log(f"joint data2vec | {n_params / 1e6:.2f}M trainable params | {mix} | {tc.precision} on {device}")
+
+    def next_batch(m: str) -> Batch:
+        return _to_device(_next_batch(loaders[m], skipped, cfg.section(m).data.on_bad_input), device)
 
     def save(step: int) -> None:
         state: dict[str, Any] = {
@@ -462,30 +546,21 @@ def train_joint(
     step, last_saved = start, start
     try:
         while step < tc.steps:
-            m = modality_for_step(tc.seed, step, mods, cfg.probabilities())
-            member = cfg.member(m)
+            weights = step_weights(cfg, step)
             lr = cosine_lr(step, tc.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, float] = {}
-            for _ in range(tc.grad_accum):
-                b = _next_batch(loaders[m], skipped, member.data.on_bad_input)
-                batch = _to_device(b, device)
-                with autocast(device, tc.precision):
-                    out = model(batch, m)
-                (out.loss / tc.grad_accum).backward()
-                samples_since += batch.inputs.shape[0]
-                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / tc.grad_accum
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
-            counts[m] += 1
+            per_modality, n = backward_step(model, weights, next_batch, tc, device)
+            samples_since += n
+            for m in weights:
+                counts[m] += 1
+            record: dict[str, Any] = {"step": step + 1, **step_record(per_modality, weights)}
+            loss, label = record["loss"], record["modality"]
             max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             decay = ema_decay(step + 1, cfg.teacher.decay, cfg.teacher.end_decay, _anneal_steps(cfg))
-            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-                what = (
-                    f"non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient'} at step {step + 1} ({m})"
-                )
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} ({label})"
                 if tc.on_nan == "stop":
                     raise TrainingStopped(
                         f"{what}; stopped. The last good checkpoint is step {last_saved} in {run_dir}."
@@ -498,7 +573,6 @@ def train_joint(
                 optimizer.zero_grad(set_to_none=True)
                 model.update_teacher(decay)
 
-            record: dict[str, Any] = {"step": step + 1, "modality": m, **sums, f"loss_{m}": sums["loss"]}
             record.update(lr=lr, grad_norm=grad_norm, ema_decay=decay)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 now = time.perf_counter()
@@ -506,17 +580,17 @@ def train_joint(
                 t_last, samples_since = now, 0
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(modality=m, loss=f"{sums['loss']:.4f}", tgt_std=f"{sums['target_std']:.3f}")
+                bar.set_postfix(modality=label, loss=f"{loss:.4f}", tgt_std=f"{record['target_std']:.3f}")
             history.append(record)
             bar.update(1)
             step += 1
 
-            if step > tc.collapse_after and (
-                sums["target_std"] < tc.min_target_std or sums["pred_std"] < tc.min_pred_std
-            ):
+            collapsed = _collapsed(per_modality, tc) if step > tc.collapse_after else None
+            if collapsed is not None:
+                ms = per_modality[collapsed]
                 raise TrainingStopped(
-                    f"representation collapse at step {step} ({m}): target std {sums['target_std']:.4f}, "
-                    f"prediction std {sums['pred_std']:.4f}. The last good checkpoint is step {last_saved} "
+                    f"representation collapse at step {step} ({collapsed}): target std {ms['target_std']:.4f}, "
+                    f"prediction std {ms['pred_std']:.4f}. The last good checkpoint is step {last_saved} "
                     f"in {run_dir}."
                 )
             stopping = stop_after is not None and step >= stop_after
@@ -617,6 +691,8 @@ __all__ = [
     "JointData2Vec",
     "JointTrainResult",
     "Ratios",
+    "STEP_KINDS",
+    "StepKind",
     "check_joint_data",
     "initial_joint_model",
     "is_joint",
@@ -626,7 +702,11 @@ __all__ = [
     "joint_tiny",
     "member_weights",
     "modality_for_step",
+    "backward_step",
     "step_plan",
+    "step_record",
+    "step_weights",
+    "steps_per_modality",
     "train_joint",
     "with_data",
 ]
