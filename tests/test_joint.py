@@ -171,6 +171,25 @@ def tiny_batches() -> dict[str, Batch]:
     }
 
 
+def test_compiled_joint_model_computes_like_eager(tmp_path: Path) -> None:
+    """`train.compile` in a joint run compiles the shared encoder's blocks (student and teacher)
+    in place: same parameter names, same losses for every modality. Eval mode: compiled dropout
+    draws from its own random stream, so only dropout-free passes can match."""
+    cfg = tiny_joint(tmp_path, compile=True)
+    torch.manual_seed(0)
+    eager = JointData2Vec(cfg).eval()
+    compiled = JointData2Vec(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    teacher_blocks = compiled.teacher["encoder"].blocks
+    assert all(b._compiled_call_impl is not None for b in [*compiled.encoder.blocks, *teacher_blocks])
+    for m, batch in tiny_batches().items():
+        a = eager(batch, m, torch.Generator().manual_seed(1)).loss
+        b = compiled(batch, m, torch.Generator().manual_seed(1)).loss
+        assert float(b) == pytest.approx(float(a), rel=1e-3), m  # fused kernels reorder float sums
+
+
 def test_step_kind_is_validated(tmp_path: Path) -> None:
     cfg = tiny_joint(tmp_path)
     assert apply_overrides(cfg, ["step=mixed"]).step == "mixed"

@@ -198,3 +198,19 @@ def test_local_lr_scale_one_keeps_the_two_group_optimizer() -> None:
     opt = build_optimizer(Data2Vec.from_config(cfg), cfg.optim)
     assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optim.weight_decay, 0.0]
     assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+
+
+def test_compiled_blocks_train_like_eager(tmp_path: Path) -> None:
+    """`train.compile` changes speed, not results: same losses, same weights (fp32)."""
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = tiny_run_config(2, "train.steps=3", "train.ckpt_every=3", f"train.compile={flag}")
+        runs[flag] = train(cfg, tmp_path / f"run-{flag}", progress=False, quiet=True)
+    eager, compiled = runs["false"], runs["true"]
+    assert [r["step"] for r in compiled.history] == [1, 2, 3]
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    sd_eager, sd_compiled = eager.model.state_dict(), compiled.model.state_dict()
+    assert sd_eager.keys() == sd_compiled.keys()  # in-place compile keeps parameter names
+    for k, v in sd_eager.items():
+        torch.testing.assert_close(sd_compiled[k], v, rtol=1e-4, atol=1e-5)

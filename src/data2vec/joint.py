@@ -53,7 +53,7 @@ from data2vec.config import (
 from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader, pipeline_for
 from data2vec.modalities import build_frontend
 from data2vec.model import Batch, Data2Vec, StepOutput, build_head
-from data2vec.nn.transformer import Encoder
+from data2vec.nn.transformer import Encoder, compile_blocks
 from data2vec.schedules import cosine_lr, ema_decay
 from data2vec.teacher import EMATeacher
 from data2vec.train import (
@@ -292,6 +292,13 @@ class JointData2Vec(nn.Module):
     def teacher_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")}
 
+    def compile_blocks(self) -> None:
+        """`train.compile`: torch.compile the shared encoder's blocks, in the student and the teacher."""
+        compile_blocks(self.encoder)
+        teacher_encoder = self.teacher["encoder"]
+        if isinstance(teacher_encoder, Encoder):
+            compile_blocks(teacher_encoder)
+
     @torch.no_grad()
     def update_teacher(self, decay: float) -> None:
         """One EMA step over the whole teacher (every modality's parts), after each optimizer step."""
@@ -486,6 +493,8 @@ def train_joint(
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     model = JointData2Vec(cfg).to(device)
+    if tc.compile:
+        model.compile_blocks()
     optimizer = build_optimizer(model, cfg.optim)
     remove_stale_temporaries(run_dir)
     run_state: dict[str, Any] = {"lr_scale": 1.0, "nan_skipped": 0, "rewinds": 0, "skipped_inputs": []}

@@ -23,7 +23,7 @@ from data2vec.config import LossConfig, MaskingConfig, ModelConfig, RunConfig, T
 from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
 from data2vec.modalities import Frontend, Tokens, build_frontend
 from data2vec.nn.decoder import ConvDecoder
-from data2vec.nn.transformer import Block, Encoder, EncoderOutput
+from data2vec.nn.transformer import Block, Encoder, EncoderOutput, compile_blocks
 from data2vec.targets import build_targets, feature_std, loss_scale, regression_loss, relative_std
 from data2vec.teacher import EMATeacher
 
@@ -154,6 +154,13 @@ class Data2Vec(nn.Module):
     def update_teacher(self, decay: float) -> None:
         """EMA step; call after each optimizer step."""
         self.teacher.update(self.student_parts(), decay)
+
+    def compile_blocks(self) -> None:
+        """`train.compile`: torch.compile the student's and the teacher's Transformer blocks."""
+        compile_blocks(self.encoder)
+        teacher_encoder = self.teacher.part("encoder")
+        if isinstance(teacher_encoder, Encoder):
+            compile_blocks(teacher_encoder)
 
     @property
     def num_tokens(self) -> int:

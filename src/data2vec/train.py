@@ -168,6 +168,8 @@ def train(
     device = dist.device(resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     model = Data2Vec.from_config(cfg).to(device)
+    if tc.compile:
+        model.compile_blocks()
     dist.seed(tc.seed)
     step_model = dist.wrap(model, cfg, device)  # what the step calls: DDP/FSDP or the model itself
     optimizer = build_optimizer(model, cfg.optim)

@@ -66,9 +66,10 @@ class Attention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)
         p = self.attn_dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_BF16_MATH_MAX_TOKENS:
-            # PyTorch's CPU flash kernel is 3-8x slower than the math kernel in bf16 for short
-            # sequences (benchmarks/attention_cpu.py); the math kernel still goes through SDPA.
+        if q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_BF16_MATH_MAX_TOKENS:
+            # PyTorch's CPU flash kernel's bf16 *backward* is 2-6x slower than the math kernel's
+            # for short sequences; its forward is 2-6x faster, so only a pass that needs
+            # gradients takes the math kernel (benchmarks/attention_cpu.py).
             with sdpa_kernel(SDPBackend.MATH):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         else:
@@ -225,3 +226,11 @@ class Encoder(nn.Module):
             return ckpt
         out: BlockOutput = blk(x, bias, positions)
         return out
+
+
+def compile_blocks(encoder: Encoder) -> None:
+    """torch.compile each block in place (parameter names, state dicts and hooks unchanged).
+    Blocks, not the whole encoder: the graph stays one block long, so the student's visible and
+    the teacher's full sequence lengths compile quickly and one graph serves every block."""
+    for block in [*encoder.prenet, *encoder.blocks]:
+        block.compile()
