@@ -30,6 +30,7 @@ from data2vec.joint import (
 )
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
+from data2vec.train import TrainingStopped
 
 SR = 16_000
 ENC = EncoderConfig(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, norm_eps=1e-5, input_norm=True)
@@ -188,6 +189,27 @@ def test_compiled_joint_model_computes_like_eager(tmp_path: Path) -> None:
         a = eager(batch, m, torch.Generator().manual_seed(1)).loss
         b = compiled(batch, m, torch.Generator().manual_seed(1)).loss
         assert float(b) == pytest.approx(float(a), rel=1e-3), m  # fused kernels reorder float sums
+
+
+def test_local_collapse_in_joint_runs_names_the_modality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import data2vec.model as model_module
+
+    monkeypatch.setattr(model_module, "relative_std", lambda x: torch.zeros(()))
+    cfg = tiny_joint(
+        tmp_path,
+        ("image", "text"),
+        step="mixed",
+        steps=3,
+        collapse_after=1,
+        ckpt_every=10,
+        min_pred_std=0,
+        min_target_std=0,
+    )
+    train_joint(cfg, tmp_path / "warn", progress=False, quiet=True)
+    log = (tmp_path / "warn" / "train.log").read_text()
+    assert log.count("image: warning: local_std") == 1 and log.count("text: warning: local_std") == 1
+    with pytest.raises(TrainingStopped, match=r"collapse at step 2 \(image\).*local std 0.0000"):
+        train_joint(apply_overrides(cfg, ["train.min_local_std=0.05"]), tmp_path / "stop", progress=False, quiet=True)
 
 
 def test_step_kind_is_validated(tmp_path: Path) -> None:

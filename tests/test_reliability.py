@@ -164,6 +164,31 @@ def test_collapse_rewinds_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     assert ck is not None and ck.step == 2
 
 
+def _local_collapse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local encoder emits one vector everywhere (what a speech CNN learns on small data)."""
+    monkeypatch.setattr(model_module, "relative_std", lambda x: torch.zeros(()))
+
+
+def test_local_collapse_is_warned_once_and_stops_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _local_collapse(monkeypatch)
+    sets = [
+        "train.steps=4",
+        "train.ckpt_every=2",
+        "train.collapse_after=1",
+        "train.min_pred_std=0",
+        "train.min_target_std=0",
+    ]
+    result = train(tiny_run_config(1, *sets), tmp_path / "warn", progress=False, quiet=True)
+    assert result.step == 4  # off by default: the run finishes ...
+    log = (tmp_path / "warn" / "train.log").read_text()
+    assert log.count("warning: local_std 0.0000 at step 2") == 1 and log.count("warning:") == 1  # ... warned once
+    assert "optim.local_lr_scale=0" in log
+    with pytest.raises(TrainingStopped, match=r"local std 0.0000 \(min 0.05; keep the local encoder"):
+        train(tiny_run_config(1, *sets, "train.min_local_std=0.05"), tmp_path / "stop", progress=False, quiet=True)
+    ck = load_latest(tmp_path / "stop")
+    assert ck is None  # stopped at step 2, before its first checkpoint was due: nothing half-written
+
+
 # ---------------------------------------------------------------- safe loading
 
 

@@ -458,6 +458,11 @@ class TrainConfig:
     """The collapse monitor fires only after this many steps (warm-up)."""
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
+    min_local_std: float = 0.0
+    """Collapse monitor on the local encoder's output (`local_std`: about 0.5-0.7 at init, near 0
+    when the CNN / embedding emits one vector everywhere). A speech CNN shared with the teacher
+    can learn that shortcut on small data while the instance-normed targets keep `target_std`
+    healthy (docs/audio.md). 0 = not checked; below 0.05 a warning is logged either way."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop (last checkpoint intact) or skip that step and count it."""
     on_collapse: Literal["stop", "rewind"] = "stop"
@@ -475,6 +480,7 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
+        _check(0 <= self.min_local_std < 1, f"{key}.min_local_std", "must be in [0, 1)")
         _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
         _check(self.log_every >= 1, f"{key}.log_every", "must be >= 1")
         _check(self.ckpt_every >= 1, f"{key}.ckpt_every", "must be >= 1")

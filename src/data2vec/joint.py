@@ -57,6 +57,7 @@ from data2vec.nn.transformer import Encoder, compile_blocks
 from data2vec.schedules import cosine_lr, ema_decay
 from data2vec.teacher import EMATeacher
 from data2vec.train import (
+    LOCAL_STD_WARN,
     TrainingStopped,
     _Log,
     _next_batch,
@@ -64,6 +65,8 @@ from data2vec.train import (
     _write_summary,
     autocast,
     build_optimizer,
+    local_std_warning,
+    low_local_std,
     plot_loss_curve,
     resolve_device,
 )
@@ -372,6 +375,7 @@ def steps_per_modality(cfg: JointConfig, stop: int) -> dict[str, int]:
 
 
 PER_MODALITY_METRICS = ("loss", "target_std", "pred_std")
+
 """Logged per modality in every step record as `<name>_<modality>`."""
 
 
@@ -415,10 +419,12 @@ def step_record(metrics: dict[str, dict[str, float]], weights: dict[str, float])
     return record
 
 
-def _collapsed(metrics: dict[str, dict[str, float]], train: TrainConfig) -> str | None:
-    """The first modality whose target or prediction std fell below the collapse thresholds."""
+def _collapsed(metrics: dict[str, dict[str, float]], train: TrainConfig, local_min: float) -> str | None:
+    """The first modality whose target, prediction or local-encoder std fell below the collapse
+    thresholds (`local_min` for the local one)."""
     for m, ms in metrics.items():
-        if ms["target_std"] < train.min_target_std or ms["pred_std"] < train.min_pred_std:
+        low = ms["target_std"] < train.min_target_std or ms["pred_std"] < train.min_pred_std
+        if low or low_local_std(ms, local_min):
             return m
     return None
 
@@ -553,6 +559,7 @@ def train_joint(
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
     t_last, samples_since = time.perf_counter(), 0
     step, last_saved = start, start
+    warned_local: set[str] = set()
     try:
         while step < tc.steps:
             weights = step_weights(cfg, step)
@@ -594,12 +601,17 @@ def train_joint(
             bar.update(1)
             step += 1
 
-            collapsed = _collapsed(per_modality, tc) if step > tc.collapse_after else None
+            for m, ms in per_modality.items() if step > tc.collapse_after else ():
+                if m not in warned_local and low_local_std(ms, LOCAL_STD_WARN):
+                    log(f"{m}: {local_std_warning(step, ms['local_std'])}")
+                    warned_local.add(m)
+            collapsed = _collapsed(per_modality, tc, tc.min_local_std) if step > tc.collapse_after else None
             if collapsed is not None:
                 ms = per_modality[collapsed]
+                local = f", local std {ms['local_std']:.4f}" if "local_std" in ms else ""
                 raise TrainingStopped(
                     f"representation collapse at step {step} ({collapsed}): target std {ms['target_std']:.4f}, "
-                    f"prediction std {ms['pred_std']:.4f}. The last good checkpoint is step {last_saved} "
+                    f"prediction std {ms['pred_std']:.4f}{local}. The last good checkpoint is step {last_saved} "
                     f"in {run_dir}."
                 )
             stopping = stop_after is not None and step >= stop_after

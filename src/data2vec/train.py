@@ -92,6 +92,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+LOCAL_STD_WARN = 0.05
+"""Below this `local_std` (after `train.collapse_after`) train.log gets one warning."""
+LOCAL_STD_REMEDY = "keep the local encoder at its initial weights with optim.local_lr_scale=0, or slow it down"
+
+
+def low_local_std(metrics: dict[str, float], threshold: float) -> bool:
+    """The local-encoder collapse check: `local_std` (when the step logged one) under a positive
+    threshold."""
+    return threshold > 0 and metrics.get("local_std", math.inf) < threshold
+
+
+def local_std_warning(step: int, value: float) -> str:
+    return (
+        f"warning: local_std {value:.4f} at step {step} (about 0.5-0.7 at init): the local encoder "
+        f"(CNN / patch or token embedding) emits nearly one vector for every token, a shortcut the "
+        f"instance-normed targets hide from target_std; {LOCAL_STD_REMEDY} (train.min_local_std > 0 stops on it)"
+    )
+
+
 def anneal_steps(cfg: RunConfig) -> int:
     return cfg.train.steps if cfg.teacher.anneal_steps is None else cfg.teacher.anneal_steps
 
@@ -247,6 +266,7 @@ def train(
     bar = tqdm(total=tc.steps, initial=start, disable=not progress or not dist.is_main, dynamic_ncols=True, unit="step")
     t_last, samples_since = time.perf_counter(), 0
     last_saved = start
+    warned_local = False
     step = start
     try:
         while step < tc.steps:
@@ -322,14 +342,21 @@ def train(
             step += 1
 
             # Step 2: the collapse monitor (SPEC 1.3), after its warm-up.
+            if step > tc.collapse_after and not warned_local and low_local_std(sums, LOCAL_STD_WARN):
+                log(local_std_warning(step, sums["local_std"]))
+                warned_local = True
             collapsed = step > tc.collapse_after and (
-                sums["target_std"] < tc.min_target_std or sums["pred_std"] < tc.min_pred_std
+                sums["target_std"] < tc.min_target_std
+                or sums["pred_std"] < tc.min_pred_std
+                or low_local_std(sums, tc.min_local_std)
             )
             if collapsed:
                 what = (
                     f"representation collapse at step {step}: target std {sums['target_std']:.4f} "
                     f"(min {tc.min_target_std}), prediction std {sums['pred_std']:.4f} (min {tc.min_pred_std})"
                 )
+                if low_local_std(sums, tc.min_local_std):
+                    what += f", local std {sums['local_std']:.4f} (min {tc.min_local_std}; {LOCAL_STD_REMEDY})"
                 good = load_latest(run_dir, map_location=device)
                 if tc.on_collapse == "rewind" and good is not None and run_state["rewinds"] < tc.max_rewinds:
                     restore(good, counters=False)

@@ -1,0 +1,115 @@
+"""LJ Speech subset: data2vec 2.0 speech pretraining for a CPU budget on the audio of the
+training utterances (no transcripts), then CTC letter recognition (CNN frozen, time and
+channel masks on; `audio_ctc` recipe) from the pretrained weights and from a random init
+under the same recipe and epochs. The last 20 utterances of transcripts.tsv are held out
+entirely (not pretrained on either); metric: CER (and WER) with greedy decoding.
+
+    python benchmarks/ljspeech.py --budget-minutes 10 --finetune-epochs 30 --threads 1 \\
+        --out benchmarks/results/ljspeech [--work /tmp/data2vec-bench/ljspeech]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import torch
+from common import DATA, compare_finetune, machine, pretrain_for, reuse_pretrained, write_results
+
+from data2vec.config import apply_overrides
+from data2vec.data.audio import load_audio, normalize_waveform
+from data2vec.finetune import LabelledSet, finetune_preset
+from data2vec.presets import preset
+
+HELD_OUT = 20
+
+
+def letters_only(text: str) -> str:
+    """Lower case, letters and apostrophes, single spaces: what the CTC head spells."""
+    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="pretraining CPU budget")
+    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning peak learning rate")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
+    p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
+    p.add_argument("--out", default="benchmarks/results/ljspeech", help="results table, JSON and plot")
+    p.add_argument("--work", default="/tmp/data2vec-bench/ljspeech", help="run directories (checkpoints)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    root = DATA / "ljspeech-subset"
+    rows = [ln.split("\t") for ln in (root / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    utts = [(root / "flac" / f"{uid}.flac", letters_only(text)) for uid, text in rows]
+    train_utts, test_utts = utts[:-HELD_OUT], utts[-HELD_OUT:]
+    manifest = work / "pretrain.tsv"
+    manifest.write_text("".join(f"{f}\n" for f, _ in train_utts))
+    cfg = apply_overrides(
+        preset("audio-tiny", 2),
+        [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
+    )
+    if args.pretrained:
+        run_dir, pinfo = reuse_pretrained(Path(args.pretrained))
+    else:
+        run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+
+    def labelled(pairs: list[tuple[Path, str]], name: str) -> LabelledSet:
+        wavs = [normalize_waveform(load_audio(f, 16_000)) for f, _ in pairs]
+        return LabelledSet(lambda i: wavs[i], [t for _, t in pairs], [], name)
+
+    train_set = labelled(train_utts, "ljspeech train")
+    test_set = labelled(test_utts, f"ljspeech last {HELD_OUT}")
+    ft = finetune_preset(
+        "audio_ctc",
+        epochs=args.finetune_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        log_every=10,
+        precision="bf16",
+    )
+    results = compare_finetune(run_dir, ft, train_set, test_set, work)
+
+    def wer(name: str) -> str:
+        best = results[name]["best_epoch"]
+        row = next(h for h in results[name]["history"] if h["epoch"] == best)
+        return f"{row['eval_wer']:.4f}"
+
+    table = [
+        ("data2vec 2.0 pretrained, CTC fine-tuned", "CER (held-out)", f"{results['pretrained']['best']:.4f}"),
+        ("same architecture from scratch, CTC fine-tuned", "CER (held-out)", f"{results['scratch']['best']:.4f}"),
+        ("data2vec 2.0 pretrained, CTC fine-tuned", "WER at the best-CER epoch", wer("pretrained")),
+        ("same architecture from scratch, CTC fine-tuned", "WER at the best-CER epoch", wer("scratch")),
+        ("empty transcript (every reference character an error)", "CER (held-out)", "1.0000"),
+    ]
+    audio_min = sum(len(train_set.load(i)) for i in range(len(train_set))) / 16_000 / 60
+    ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in results.items()}
+    info = {
+        "pretraining": f"{pinfo['steps']} steps on {len(train_utts)} utterances ({audio_min:.1f} min of audio) "
+        f"in {pinfo['seconds'] / 60:.1f} min",
+        "fine-tuning": f"{args.finetune_epochs} epochs, lr {args.lr}, batch {args.batch_size}, on {len(train_set)} "
+        f"utterances, {ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)",
+        "held-out utterances": len(test_set),
+        "margin (CER, scratch - pretrained; positive = pretraining helps)": (
+            f"{results['scratch']['best'] - results['pretrained']['best']:+.4f}"
+        ),
+        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
+        "pretraining overrides": " ".join(args.overrides) or "none",
+        "machine": machine(),
+    }
+    curves = {k: v["history"] for k, v in results.items()}
+    write_results(
+        out, "LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, 2.0)", table, info, curves
+    )
+
+
+if __name__ == "__main__":
+    main()
