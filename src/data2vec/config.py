@@ -475,8 +475,8 @@ class TrainConfig:
     (FSDP2, one unit per Transformer block) instead of replicating them (DDP)."""
     compile: bool = False
     """torch.compile every Transformer block of the student and the teacher (fuses the norms,
-    activations and residual adds around the matmuls). The first steps compile for tens of
-    seconds; then steps are about 1.3-1.6x faster on CPU in bf16 (benchmarks/speed.py)."""
+    activations and residual adds around the matmuls; meant for CUDA). The first steps compile
+    for tens of seconds. On the 2-core CPU it measured within 3% of eager (BENCHMARKS.md)."""
 
     def validate(self, key: str) -> None:
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")

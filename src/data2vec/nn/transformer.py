@@ -228,9 +228,18 @@ class Encoder(nn.Module):
         return out
 
 
+COMPILE_RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(encoder: Encoder) -> None:
     """torch.compile each block in place (parameter names, state dicts and hooks unchanged).
-    Blocks, not the whole encoder: the graph stays one block long, so the student's visible and
-    the teacher's full sequence lengths compile quickly and one graph serves every block."""
+    Blocks, not the whole encoder: the graph stays one block long and serves every block. All
+    blocks share `Block.forward`, whose variants (student with gradients and teacher without,
+    visible and full lengths, bf16 or not, pre-net and main blocks) easily pass dynamo's default
+    limit of 8 compiled versions per function, after which it silently runs eager: raise it."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
     for block in [*encoder.prenet, *encoder.blocks]:
         block.compile()
