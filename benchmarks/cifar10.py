@@ -12,14 +12,11 @@ with labels; everything is tested on the 10,000 test images (or --test-limit of 
 
 from __future__ import annotations
 
-import argparse
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, compare_finetune, machine, pretrain_for, probe_compare, write_results
+from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, probe_compare, start, write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -39,19 +36,11 @@ def labelled(source: TarShardSource | ImageFolderSource, indices: np.ndarray, na
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=5.0, help="pretraining CPU budget")
-    p.add_argument("--finetune-epochs", type=int, default=3)
+    p = bench_parser(__doc__, "cifar10", budget=5.0, epochs=3)
     p.add_argument("--labels", type=int, default=5000, help="labelled training images (10%% = 5000)")
     p.add_argument("--test-limit", type=int, default=10000)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
-    p.add_argument("--out", default="benchmarks/results/cifar10", help="results table, JSON and plot")
-    p.add_argument("--work", default="/tmp/data2vec-bench/cifar10", help="run directories (checkpoints)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    out, work = Path(args.out), Path(args.work)
-    t_all = time.perf_counter()
+    out, work, t_all = start(args)
     shards = sorted(str(s) for s in (DATA / "cifar10").glob("train-*.tar"))
     cfg = apply_overrides(
         preset("image-tiny", 2),
@@ -64,7 +53,7 @@ def main() -> None:
             *args.overrides,
         ],
     )
-    run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
 
     train_src = TarShardSource(shards)
     test_src = ImageFolderSource(DATA / "cifar10" / "test")
@@ -111,9 +100,7 @@ def main() -> None:
         "test images": len(test_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
-        "pretraining overrides": " ".join(args.overrides) or "none",
-        "machine": machine(),
+        **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
     write_results(out, "CIFAR-10 (image-tiny, data2vec 2.0)", table, info, curves)

@@ -7,6 +7,7 @@ Not run in CI. Each script reads ../shared/data in place.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,6 +41,47 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+
+
+def bench_parser(
+    doc: str | None, name: str, budget: float, epochs: int, lr: float | None = None
+) -> argparse.ArgumentParser:
+    """The options every real-data script shares; each adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-minutes", type=float, default=budget, help="pretraining CPU budget")
+    p.add_argument("--finetune-epochs", type=int, default=epochs)
+    if lr is not None:
+        p.add_argument("--lr", type=float, default=lr, help="fine-tuning peak learning rate")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
+    p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
+    p.add_argument("--out", default=f"benchmarks/results/{name}", help="results table, JSON and plot")
+    p.add_argument("--work", default=f"/tmp/data2vec-bench/{name}", help="run directories (checkpoints)")
+    return p
+
+
+def start(args: argparse.Namespace) -> tuple[Path, Path, float]:
+    """Threads set, work folder made: (out, work, start time)."""
+    torch.set_num_threads(args.threads)
+    out, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return out, work, time.perf_counter()
+
+
+def pretrain_or_reuse(cfg: RunConfig, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
+    """`--pretrained RUN_DIR` or a new budgeted pretraining run in `work/pretrain`."""
+    if args.pretrained:
+        return reuse_pretrained(Path(args.pretrained))
+    return pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+
+
+def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
+    """The last lines of every results table: run time, pretraining overrides, machine."""
+    return {
+        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
+        "pretraining overrides": " ".join(args.overrides) or "none",
+        "machine": machine(),
+    }
 
 
 def pretrain_for(cfg: RunConfig, run_dir: Path, minutes: float, calib_steps: int = 4) -> tuple[Path, dict[str, Any]]:

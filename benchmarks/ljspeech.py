@@ -10,13 +10,10 @@ entirely (not pretrained on either); metric: CER (and WER) with greedy decoding.
 
 from __future__ import annotations
 
-import argparse
 import re
-import time
 from pathlib import Path
 
-import torch
-from common import DATA, compare_finetune, machine, pretrain_for, reuse_pretrained, write_results
+from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, start, write_results
 
 from data2vec.config import apply_overrides
 from data2vec.data.audio import load_audio, normalize_waveform
@@ -32,21 +29,10 @@ def letters_only(text: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=10.0, help="pretraining CPU budget")
-    p.add_argument("--finetune-epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning peak learning rate")
+    p = bench_parser(__doc__, "ljspeech", budget=10.0, epochs=30, lr=5e-4)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
-    p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
-    p.add_argument("--out", default="benchmarks/results/ljspeech", help="results table, JSON and plot")
-    p.add_argument("--work", default="/tmp/data2vec-bench/ljspeech", help="run directories (checkpoints)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    out, work = Path(args.out), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    out, work, t_all = start(args)
     root = DATA / "ljspeech-subset"
     rows = [ln.split("\t") for ln in (root / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[1:]]
     utts = [(root / "flac" / f"{uid}.flac", letters_only(text)) for uid, text in rows]
@@ -57,10 +43,7 @@ def main() -> None:
         preset("audio-tiny", 2),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
-    if args.pretrained:
-        run_dir, pinfo = reuse_pretrained(Path(args.pretrained))
-    else:
-        run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
 
     def labelled(pairs: list[tuple[Path, str]], name: str) -> LabelledSet:
         wavs = [normalize_waveform(load_audio(f, 16_000)) for f, _ in pairs]
@@ -101,9 +84,7 @@ def main() -> None:
         "margin (CER, scratch - pretrained; positive = pretraining helps)": (
             f"{results['scratch']['best'] - results['pretrained']['best']:+.4f}"
         ),
-        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
-        "pretraining overrides": " ".join(args.overrides) or "none",
-        "machine": machine(),
+        **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in results.items()}
     write_results(

@@ -10,22 +10,12 @@ Baselines: a linear probe of frozen features and a spectrogram logistic regressi
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from common import (
-    DATA,
-    compare_finetune,
-    machine,
-    pretrain_for,
-    probe_compare,
-    reuse_pretrained,
-    write_results,
-)
+from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, probe_compare, start, write_results
 from scipy.signal import stft
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -51,21 +41,10 @@ def spectrogram(path: Path) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=5.0, help="pretraining CPU budget")
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
-    p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
+    p = bench_parser(__doc__, "speech", budget=5.0, epochs=3, lr=2e-4)
     p.add_argument("--every", type=int, default=1, help="use every N-th clip (a quick smoke run)")
-    p.add_argument("--out", default="benchmarks/results/speech", help="results table, JSON and plot")
-    p.add_argument("--work", default="/tmp/data2vec-bench/speech", help="run directories (checkpoints)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    out, work = Path(args.out), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    out, work, t_all = start(args)
     files = sorted((DATA / "fsdd" / "recordings").glob("*.wav"))[:: args.every]
     train_files = [f for f in files if f.stem.split("_")[1] not in HELD_OUT]
     test_files = [f for f in files if f.stem.split("_")[1] in HELD_OUT]
@@ -75,10 +54,7 @@ def main() -> None:
         preset("audio-tiny", 2),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
-    if args.pretrained:
-        run_dir, pinfo = reuse_pretrained(Path(args.pretrained))
-    else:
-        run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
 
     def labelled(fs: list[Path], name: str) -> LabelledSet:
         wavs = [normalize_waveform(load_audio(f, 16_000)) for f in fs]
@@ -124,9 +100,7 @@ def main() -> None:
         "test clips": len(test_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
-        "pretraining overrides": " ".join(args.overrides) or "none",
-        "machine": machine(),
+        **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
     write_results(

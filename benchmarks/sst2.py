@@ -10,13 +10,11 @@ a TF-IDF logistic regression on the same 2,000 sentences.
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, compare_finetune, machine, pretrain_for, probe_compare, write_results
+from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, probe_compare, start, write_results
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -27,20 +25,10 @@ from data2vec.presets import preset
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=5.0, help="pretraining CPU budget")
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p = bench_parser(__doc__, "sst2", budget=5.0, epochs=5, lr=1e-4)
     p.add_argument("--labels", type=int, default=2000, help="labelled training sentences")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
-    p.add_argument("--out", default="benchmarks/results/sst2", help="results table, JSON and plot")
-    p.add_argument("--work", default="/tmp/data2vec-bench/sst2", help="run directories (checkpoints)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    out, work = Path(args.out), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    out, work, t_all = start(args)
     sst = DATA / "sst2"
     cfg = apply_overrides(
         preset("text-tiny", 2),
@@ -53,7 +41,7 @@ def main() -> None:
             *args.overrides,
         ],
     )
-    run_dir, pinfo = pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
     pre = load_pretrained_state(run_dir)
 
     lines = (sst / "train.tsv").read_text(encoding="utf-8").splitlines()
@@ -104,9 +92,7 @@ def main() -> None:
         "dev sentences": len(dev_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
-        "pretraining overrides": " ".join(args.overrides) or "none",
-        "machine": machine(),
+        **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
     write_results(out, "SST-2 (text-tiny, data2vec 2.0)", table, info, curves)
