@@ -49,6 +49,7 @@ def bench_parser(
     """The options every real-data script shares; each adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=budget, help="pretraining CPU budget")
+    p.add_argument("--steps", type=int, help="pretrain exactly this many steps instead of calibrating a budget")
     p.add_argument("--finetune-epochs", type=int, default=epochs)
     if lr is not None:
         p.add_argument("--lr", type=float, default=lr, help="fine-tuning peak learning rate")
@@ -72,7 +73,7 @@ def pretrain_or_reuse(cfg: RunConfig, args: argparse.Namespace, work: Path) -> t
     """`--pretrained RUN_DIR` or a new budgeted pretraining run in `work/pretrain`."""
     if args.pretrained:
         return reuse_pretrained(Path(args.pretrained))
-    return pretrain_for(cfg, work / "pretrain", args.budget_minutes)
+    return pretrain_for(cfg, work / "pretrain", args.budget_minutes, steps=args.steps)
 
 
 def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
@@ -84,20 +85,25 @@ def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
     }
 
 
-def pretrain_for(cfg: RunConfig, run_dir: Path, minutes: float, calib_steps: int = 4) -> tuple[Path, dict[str, Any]]:
+def pretrain_for(
+    cfg: RunConfig, run_dir: Path, minutes: float, calib_steps: int = 4, steps: int | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Pretrain with as many steps as fit in `minutes` (measured on a short calibration run),
-    so the cosine schedule ends at the budget. Returns (run dir, info)."""
-    calib = run_dir.with_name(run_dir.name + "-calib")
-    shutil.rmtree(calib, ignore_errors=True)
+    so the cosine schedule ends at the budget, or with exactly `steps` when given (calibration
+    misjudges on a busy machine). Returns (run dir, info)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    ccfg = replace(cfg, train=replace(cfg.train, steps=calib_steps + 2, ckpt_every=10_000, log_every=1))
-    t0 = time.perf_counter()
-    res = train(ccfg, calib, progress=False, quiet=True)
-    elapsed = time.perf_counter() - t0
-    rates = [r["samples_per_sec"] for r in res.history[2:]]
-    per_step = cfg.data.batch_size / float(np.mean(rates)) if rates else elapsed / (calib_steps + 2)
-    shutil.rmtree(calib, ignore_errors=True)
-    steps = max(10, int(minutes * 60 / per_step))
+    per_step = float("nan")
+    if steps is None:
+        calib = run_dir.with_name(run_dir.name + "-calib")
+        shutil.rmtree(calib, ignore_errors=True)
+        ccfg = replace(cfg, train=replace(cfg.train, steps=calib_steps + 2, ckpt_every=10_000, log_every=1))
+        t0 = time.perf_counter()
+        res = train(ccfg, calib, progress=False, quiet=True)
+        elapsed = time.perf_counter() - t0
+        rates = [r["samples_per_sec"] for r in res.history[2:]]
+        per_step = cfg.data.batch_size / float(np.mean(rates)) if rates else elapsed / (calib_steps + 2)
+        shutil.rmtree(calib, ignore_errors=True)
+        steps = max(10, int(minutes * 60 / per_step))
     warm = min(cfg.optim.warmup_steps, steps // 10)
     cfg = replace(
         cfg,
