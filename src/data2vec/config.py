@@ -459,7 +459,7 @@ class TrainConfig:
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
     min_local_std: float = 0.0
-    """Collapse monitor on the local encoder's output (`local_std`: about 0.5-0.7 at init, near 0
+    """Collapse monitor on the local encoder's output (`local_std`: 0.5-1 at init, near 0
     when the CNN / embedding emits one vector everywhere). A speech CNN shared with the teacher
     can learn that shortcut on small data while the instance-normed targets keep `target_std`
     healthy (docs/audio.md). 0 = not checked; below 0.05 a warning is logged either way."""

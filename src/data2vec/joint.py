@@ -375,7 +375,6 @@ def steps_per_modality(cfg: JointConfig, stop: int) -> dict[str, int]:
 
 
 PER_MODALITY_METRICS = ("loss", "target_std", "pred_std")
-
 """Logged per modality in every step record as `<name>_<modality>`."""
 
 

@@ -105,7 +105,7 @@ def low_local_std(metrics: dict[str, float], threshold: float) -> bool:
 
 def local_std_warning(step: int, value: float) -> str:
     return (
-        f"warning: local_std {value:.4f} at step {step} (about 0.5-0.7 at init): the local encoder "
+        f"warning: local_std {value:.4f} at step {step} (0.5-1 at init): the local encoder "
         f"(CNN / patch or token embedding) emits nearly one vector for every token, a shortcut the "
         f"instance-normed targets hide from target_std; {LOCAL_STD_REMEDY} (train.min_local_std > 0 stops on it)"
     )

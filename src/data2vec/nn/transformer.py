@@ -67,8 +67,8 @@ class Attention(nn.Module):
             bias = bias.to(q.dtype)
         p = self.attn_dropout if self.training else 0.0
         if q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_BF16_MATH_MAX_TOKENS:
-            # PyTorch's CPU flash kernel's bf16 *backward* is 2-6x slower than the math kernel's
-            # for short sequences; its forward is 2-6x faster, so only a pass that needs
+            # PyTorch's CPU flash kernel in bf16 at <= 128 tokens: forward+backward 1.5-8x slower
+            # than the math kernel, forward alone 2-6x faster; so only a pass that needs
             # gradients takes the math kernel (benchmarks/attention_cpu.py).
             with sdpa_kernel(SDPBackend.MATH):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
