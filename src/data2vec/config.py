@@ -476,7 +476,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile every Transformer block of the student and the teacher (fuses the norms,
     activations and residual adds around the matmuls; meant for CUDA). The first steps compile
-    for tens of seconds. On the 2-core CPU it measured within 3% of eager (BENCHMARKS.md)."""
+    for tens of seconds. On the 2-core CPU it measured within 8% of eager, mostly slower (BENCHMARKS.md)."""
 
     def validate(self, key: str) -> None:
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
