@@ -211,12 +211,13 @@ def pretrain_rows(
                 model = Data2Vec.from_config(cfg).train()
                 x = make_input(cfg, batch, length)
                 b = our_batch(model, x, torch.Generator().manual_seed(0))
-                # counted on an eager copy: the counter cannot see inside a compiled graph
-                flops = count_flops(our_step(copy.deepcopy(model), b, precision))
-                if compiled:
+                if compiled:  # counted on an eager copy: the counter cannot see inside a compiled graph
+                    flops = count_flops(our_step(copy.deepcopy(model), b, precision))
                     model.compile_blocks()
                 step = our_step(model, b, precision)
                 sec = timed(step, steps, warmup=3 if compiled else 2)
+                if not compiled:
+                    flops = count_flops(step)
                 who = "ours+compile" if compiled else "ours"
                 rows.append(_row(who, version, precision, modality, size, batch, sec, flops))
                 print(f"  {who} {version}.0 {precision}: {1000 * sec:.0f} ms/step", flush=True)
@@ -254,8 +255,9 @@ def extract_rows(
     cfg = case_config(modality, size, 1, True)
     torch.manual_seed(0)
     model = Data2Vec.from_config(cfg).eval()
-    compiled = copy.deepcopy(model)
-    compiled.compile_blocks()
+    compiled = copy.deepcopy(model) if compile_too else None
+    if compiled is not None:
+        compiled.compile_blocks()
     x = make_input(cfg, batch, length)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -284,11 +286,11 @@ def extract_rows(
                 "ratio": t_theirs / t_ours,
                 "rel_diff": rel,
             }
-            if compile_too:
+            if compiled is not None:
                 with torch.inference_mode(), amp(precision):
                     c = compiled.encode(x).x.float()
                     e = model.encode(x).x.float()
-                t_comp = timed(lambda p=precision: ours(p, compiled), steps, warmup=3)
+                t_comp = timed(lambda p=precision, m=compiled: ours(p, m), steps, warmup=3)
                 row |= {
                     "compiled_samples_per_sec": batch / t_comp,
                     "compiled_ratio": t_theirs / t_comp,

@@ -297,10 +297,7 @@ class JointData2Vec(nn.Module):
 
     def compile_blocks(self) -> None:
         """`train.compile`: torch.compile the shared encoder's blocks, in the student and the teacher."""
-        compile_blocks(self.encoder)
-        teacher_encoder = self.teacher["encoder"]
-        if isinstance(teacher_encoder, Encoder):
-            compile_blocks(teacher_encoder)
+        compile_blocks(self.encoder, self.teacher["encoder"])
 
     @torch.no_grad()
     def update_teacher(self, decay: float) -> None:
@@ -418,12 +415,12 @@ def step_record(metrics: dict[str, dict[str, float]], weights: dict[str, float])
     return record
 
 
-def _collapsed(metrics: dict[str, dict[str, float]], train: TrainConfig, local_min: float) -> str | None:
+def _collapsed(metrics: dict[str, dict[str, float]], train: TrainConfig) -> str | None:
     """The first modality whose target, prediction or local-encoder std fell below the collapse
-    thresholds (`local_min` for the local one)."""
+    thresholds."""
     for m, ms in metrics.items():
         low = ms["target_std"] < train.min_target_std or ms["pred_std"] < train.min_pred_std
-        if low or low_local_std(ms, local_min):
+        if low or low_local_std(ms, train.min_local_std):
             return m
     return None
 
@@ -604,7 +601,7 @@ def train_joint(
                 if m not in warned_local and low_local_std(ms, LOCAL_STD_WARN):
                     log(f"{m}: {local_std_warning(step, ms['local_std'])}")
                     warned_local.add(m)
-            collapsed = _collapsed(per_modality, tc, tc.min_local_std) if step > tc.collapse_after else None
+            collapsed = _collapsed(per_modality, tc) if step > tc.collapse_after else None
             if collapsed is not None:
                 ms = per_modality[collapsed]
                 local = f", local std {ms['local_std']:.4f}" if "local_std" in ms else ""

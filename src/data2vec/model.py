@@ -157,10 +157,7 @@ class Data2Vec(nn.Module):
 
     def compile_blocks(self) -> None:
         """`train.compile`: torch.compile the student's and the teacher's Transformer blocks."""
-        compile_blocks(self.encoder)
-        teacher_encoder = self.teacher.part("encoder")
-        if isinstance(teacher_encoder, Encoder):
-            compile_blocks(teacher_encoder)
+        compile_blocks(self.encoder, self.teacher.part("encoder"))
 
     @property
     def num_tokens(self) -> int:

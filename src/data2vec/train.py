@@ -345,17 +345,16 @@ def train(
             if step > tc.collapse_after and not warned_local and low_local_std(sums, LOCAL_STD_WARN):
                 log(local_std_warning(step, sums["local_std"]))
                 warned_local = True
+            local_low = low_local_std(sums, tc.min_local_std)
             collapsed = step > tc.collapse_after and (
-                sums["target_std"] < tc.min_target_std
-                or sums["pred_std"] < tc.min_pred_std
-                or low_local_std(sums, tc.min_local_std)
+                sums["target_std"] < tc.min_target_std or sums["pred_std"] < tc.min_pred_std or local_low
             )
             if collapsed:
                 what = (
                     f"representation collapse at step {step}: target std {sums['target_std']:.4f} "
                     f"(min {tc.min_target_std}), prediction std {sums['pred_std']:.4f} (min {tc.min_pred_std})"
                 )
-                if low_local_std(sums, tc.min_local_std):
+                if local_low:
                     what += f", local std {sums['local_std']:.4f} (min {tc.min_local_std}; {LOCAL_STD_REMEDY})"
                 good = load_latest(run_dir, map_location=device)
                 if tc.on_collapse == "rewind" and good is not None and run_state["rewinds"] < tc.max_rewinds:

@@ -231,8 +231,9 @@ class Encoder(nn.Module):
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(encoder: Encoder) -> None:
-    """torch.compile each block in place (parameter names, state dicts and hooks unchanged).
+def compile_blocks(*encoders: nn.Module | None) -> None:
+    """torch.compile each block of each `Encoder` given (anything else is skipped) in place
+    (parameter names, state dicts and hooks unchanged).
     Blocks, not the whole encoder: the graph stays one block long and serves every block. All
     blocks share `Block.forward`, whose variants (student with gradients and teacher without,
     visible and full lengths, bf16 or not, pre-net and main blocks) easily pass dynamo's default
@@ -241,5 +242,7 @@ def compile_blocks(encoder: Encoder) -> None:
 
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
-    for block in [*encoder.prenet, *encoder.blocks]:
-        block.compile()
+    for encoder in encoders:
+        if isinstance(encoder, Encoder):
+            for block in [*encoder.prenet, *encoder.blocks]:
+                block.compile()
