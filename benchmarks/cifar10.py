@@ -16,7 +16,18 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, probe_compare, start, write_results
+from common import (
+    DATA,
+    algorithm,
+    bench_parser,
+    compare_finetune,
+    footer,
+    pretrain_or_reuse,
+    probe_compare,
+    seeds_note,
+    start,
+    write_results,
+)
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -43,7 +54,7 @@ def main() -> None:
     out, work, t_all = start(args)
     shards = sorted(str(s) for s in (DATA / "cifar10").glob("train-*.tar"))
     cfg = apply_overrides(
-        preset("image-tiny", 2),
+        preset("image-tiny", args.version),
         [
             f"data.path={DATA / 'cifar10' / 'train-*.tar'}",
             "data.num_workers=0",
@@ -54,6 +65,7 @@ def main() -> None:
         ],
     )
     run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
+    algo = algorithm(run_dir)
 
     train_src = TarShardSource(shards)
     test_src = ImageFolderSource(DATA / "cifar10" / "test")
@@ -64,7 +76,7 @@ def main() -> None:
 
     ft = finetune_preset("image_cls", epochs=args.finetune_epochs, batch_size=64, log_every=10, precision="bf16")
     ft = replace(ft, crop_scale=(0.5, 1.0))
-    rows = compare_finetune(run_dir, ft, train_set, test_set, work)
+    rows = compare_finetune(run_dir, ft, train_set, test_set, work, seeds=args.seeds)
 
     icfg, dcfg = cfg.model.image, cfg.data
 
@@ -86,9 +98,9 @@ def main() -> None:
     print(f"raw-pixel logistic regression: {raw:.4f}")
 
     table = [
-        ("data2vec 2.0 pretrained, fine-tuned", "top-1 accuracy", f"{rows['pretrained']['best']:.4f}"),
+        (f"{algo} pretrained, fine-tuned", "top-1 accuracy", f"{rows['pretrained']['best']:.4f}"),
         ("same architecture from scratch, fine-tuned", "top-1 accuracy", f"{rows['scratch']['best']:.4f}"),
-        ("data2vec 2.0 pretrained, linear probe", "top-1 accuracy", f"{probe['pretrained']:.4f}"),
+        (f"{algo} pretrained, linear probe", "top-1 accuracy", f"{probe['pretrained']:.4f}"),
         ("random init, linear probe", "top-1 accuracy", f"{probe['scratch']:.4f}"),
         ("raw-pixel logistic regression", "top-1 accuracy", f"{raw:.4f}"),
     ]
@@ -100,10 +112,11 @@ def main() -> None:
         "test images": len(test_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
+        **seeds_note(rows),
         **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
-    write_results(out, "CIFAR-10 (image-tiny, data2vec 2.0)", table, info, curves)
+    write_results(out, f"CIFAR-10 (image-tiny, {algo})", table, info, curves)
 
 
 if __name__ == "__main__":

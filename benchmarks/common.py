@@ -53,6 +53,8 @@ def bench_parser(
     p.add_argument("--finetune-epochs", type=int, default=epochs)
     if lr is not None:
         p.add_argument("--lr", type=float, default=lr, help="fine-tuning peak learning rate")
+    p.add_argument("--version", type=int, choices=(1, 2), default=2, help="data2vec 1.0 or 2.0 preset")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tune each arm with this many seeds (mean reported)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
     p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
@@ -80,9 +82,16 @@ def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
     """The last lines of every results table: run time, pretraining overrides, machine."""
     return {
         "total minutes": f"{(time.perf_counter() - t_all) / 60:.1f}",
-        "pretraining overrides": " ".join(args.overrides) or "none",
+        "pretraining overrides": (
+            f"see {args.pretrained}/config.json (reused run)" if args.pretrained else " ".join(args.overrides) or "none"
+        ),
         "machine": machine(),
     }
+
+
+def algorithm(run_dir: Path) -> str:
+    """'data2vec 1.0' or 'data2vec 2.0', from a pretraining run's saved config."""
+    return f"data2vec {RunConfig.load(run_dir / 'config.json').model.version}.0"
 
 
 def pretrain_for(
@@ -145,22 +154,43 @@ def compare_finetune(
     train_set: LabelledSet,
     eval_set: LabelledSet,
     out: Path,
+    seeds: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """The same fine-tuning recipe from the pretrained weights and from a random init."""
+    """The same fine-tuning recipe from the pretrained weights and from a random init, with
+    fine-tuning seeds 0..seeds-1 (the seed also draws the scratch arm's init). `best` is the
+    mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's."""
     pre = load_pretrained_state(run_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, source in (("pretrained", pre), ("scratch", pre.config)):
-        r = finetune(source, ft, train_set, eval_set, out / f"ft-{name}", quiet=True)
+        runs = []
+        for seed in range(seeds):
+            tag = f"ft-{name}" if seeds == 1 else f"ft-{name}-seed{seed}"
+            r = finetune(source, replace(ft, seed=seed), train_set, eval_set, out / tag, quiet=True)
+            runs.append(r)
+            print(f"fine-tune {name} seed {seed}: best {r.metric} {r.best_metric:.4f} ({r.seconds / 60:.1f} min)")
+        bests = [float(r.best_metric) for r in runs]
         rows[name] = {
-            "metric": r.metric,
-            "best": r.best_metric,
-            "best_epoch": r.best_epoch,
-            "last": r.history[-1][f"eval_{r.metric}"],
-            "seconds": r.seconds,
-            "history": r.history,
+            "metric": runs[0].metric,
+            "best": float(np.mean(bests)),
+            "bests": bests,
+            "std": float(np.std(bests)),
+            "best_epoch": runs[0].best_epoch,
+            "last": runs[0].history[-1][f"eval_{runs[0].metric}"],
+            "seconds": sum(r.seconds for r in runs),
+            "history": runs[0].history,
         }
-        print(f"fine-tune {name}: best {r.metric} {r.best_metric:.4f} ({r.seconds / 60:.1f} min)", flush=True)
     return rows
+
+
+def seeds_note(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Info lines with each arm's per-seed results (nothing for a single seed)."""
+    if len(rows["pretrained"]["bests"]) == 1:
+        return {}
+    return {
+        f"per-seed best ({name})": ", ".join(f"{b:.4f}" for b in r["bests"])
+        + f" (mean {r['best']:.4f}, std {r['std']:.4f})"
+        for name, r in rows.items()
+    }
 
 
 def probe_compare(

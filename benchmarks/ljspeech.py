@@ -13,7 +13,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, start, write_results
+from common import (
+    DATA,
+    algorithm,
+    bench_parser,
+    compare_finetune,
+    footer,
+    pretrain_or_reuse,
+    seeds_note,
+    start,
+    write_results,
+)
 
 from data2vec.config import apply_overrides
 from data2vec.data.audio import load_audio, normalize_waveform
@@ -40,10 +50,11 @@ def main() -> None:
     manifest = work / "pretrain.tsv"
     manifest.write_text("".join(f"{f}\n" for f, _ in train_utts))
     cfg = apply_overrides(
-        preset("audio-tiny", 2),
+        preset("audio-tiny", args.version),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
     run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
+    algo = algorithm(run_dir)
 
     def labelled(pairs: list[tuple[Path, str]], name: str) -> LabelledSet:
         wavs = [normalize_waveform(load_audio(f, 16_000)) for f, _ in pairs]
@@ -59,7 +70,7 @@ def main() -> None:
         log_every=10,
         precision="bf16",
     )
-    results = compare_finetune(run_dir, ft, train_set, test_set, work)
+    results = compare_finetune(run_dir, ft, train_set, test_set, work, seeds=args.seeds)
 
     def wer(name: str) -> str:
         best = results[name]["best_epoch"]
@@ -67,9 +78,9 @@ def main() -> None:
         return f"{row['eval_wer']:.4f}"
 
     table = [
-        ("data2vec 2.0 pretrained, CTC fine-tuned", "CER (held-out)", f"{results['pretrained']['best']:.4f}"),
+        (f"{algo} pretrained, CTC fine-tuned", "CER (held-out)", f"{results['pretrained']['best']:.4f}"),
         ("same architecture from scratch, CTC fine-tuned", "CER (held-out)", f"{results['scratch']['best']:.4f}"),
-        ("data2vec 2.0 pretrained, CTC fine-tuned", "WER at the best-CER epoch", wer("pretrained")),
+        (f"{algo} pretrained, CTC fine-tuned", "WER at the best-CER epoch", wer("pretrained")),
         ("same architecture from scratch, CTC fine-tuned", "WER at the best-CER epoch", wer("scratch")),
         ("empty transcript (every reference character an error)", "CER (held-out)", "1.0000"),
     ]
@@ -84,11 +95,12 @@ def main() -> None:
         "margin (CER, scratch - pretrained; positive = pretraining helps)": (
             f"{results['scratch']['best'] - results['pretrained']['best']:+.4f}"
         ),
+        **seeds_note(results),
         **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in results.items()}
     write_results(
-        out, "LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, 2.0)", table, info, curves
+        out, f"LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, {algo})", table, info, curves
     )
 
 

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, bench_parser, compare_finetune, footer, pretrain_or_reuse, probe_compare, start, write_results
+from common import (
+    DATA,
+    algorithm,
+    bench_parser,
+    compare_finetune,
+    footer,
+    pretrain_or_reuse,
+    probe_compare,
+    seeds_note,
+    start,
+    write_results,
+)
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -31,7 +42,7 @@ def main() -> None:
     out, work, t_all = start(args)
     sst = DATA / "sst2"
     cfg = apply_overrides(
-        preset("text-tiny", 2),
+        preset("text-tiny", args.version),
         [
             f"data.path={sst / 'train.tsv'}",
             "data.text.tsv_column=sentence",
@@ -42,6 +53,7 @@ def main() -> None:
         ],
     )
     run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
+    algo = algorithm(run_dir)
     pre = load_pretrained_state(run_dir)
 
     lines = (sst / "train.tsv").read_text(encoding="utf-8").splitlines()
@@ -52,7 +64,7 @@ def main() -> None:
     )
     train_set = read_labelled(labelled_tsv, ft, pre.config)
     dev_set = read_labelled(sst / "dev.tsv", ft, pre.config, train_set.classes)
-    rows = compare_finetune(run_dir, ft, train_set, dev_set, work)
+    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, seeds=args.seeds)
 
     tcfg = pre.config.model.text
 
@@ -76,9 +88,9 @@ def main() -> None:
     print(f"TF-IDF logistic regression: {tfidf:.4f}")
 
     table = [
-        ("data2vec 2.0 pretrained, fine-tuned", "dev accuracy", f"{rows['pretrained']['best']:.4f}"),
+        (f"{algo} pretrained, fine-tuned", "dev accuracy", f"{rows['pretrained']['best']:.4f}"),
         ("same architecture from scratch, fine-tuned", "dev accuracy", f"{rows['scratch']['best']:.4f}"),
-        ("data2vec 2.0 pretrained, linear probe", "dev accuracy", f"{probe['pretrained']:.4f}"),
+        (f"{algo} pretrained, linear probe", "dev accuracy", f"{probe['pretrained']:.4f}"),
         ("random init, linear probe", "dev accuracy", f"{probe['scratch']:.4f}"),
         (f"TF-IDF logistic regression ({args.labels} sentences)", "dev accuracy", f"{tfidf:.4f}"),
         ("majority class", "dev accuracy", f"{max(np.mean(dv_y), 1 - np.mean(dv_y)):.4f}"),
@@ -92,10 +104,11 @@ def main() -> None:
         "dev sentences": len(dev_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
+        **seeds_note(rows),
         **footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
-    write_results(out, "SST-2 (text-tiny, data2vec 2.0)", table, info, curves)
+    write_results(out, f"SST-2 (text-tiny, {algo})", table, info, curves)
 
 
 if __name__ == "__main__":
