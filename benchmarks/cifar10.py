@@ -76,7 +76,7 @@ def main() -> None:
 
     ft = finetune_preset("image_cls", epochs=args.finetune_epochs, batch_size=64, log_every=10, precision="bf16")
     ft = replace(ft, crop_scale=(0.5, 1.0))
-    rows = compare_finetune(run_dir, ft, train_set, test_set, work, seeds=args.seeds)
+    rows = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
 
     icfg, dcfg = cfg.model.image, cfg.data
 

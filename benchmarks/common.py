@@ -57,6 +57,9 @@ def bench_parser(
     p.add_argument("--seeds", type=int, default=1, help="fine-tune each arm with this many seeds (mean reported)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
+    p.add_argument(
+        "--ft", dest="ft_overrides", action="append", default=[], help="fine-tuning config KEY=VALUE (both arms)"
+    )
     p.add_argument("--pretrained", help="reuse this finished pretraining run instead of pretraining")
     p.add_argument("--out", default=f"benchmarks/results/{name}", help="results table, JSON and plot")
     p.add_argument("--work", default=f"/tmp/data2vec-bench/{name}", help="run directories (checkpoints)")
@@ -85,6 +88,7 @@ def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
         "pretraining overrides": (
             f"see {args.pretrained}/config.json (reused run)" if args.pretrained else " ".join(args.overrides) or "none"
         ),
+        "fine-tuning overrides": " ".join(args.ft_overrides) or "none",
         "machine": machine(),
     }
 
@@ -155,10 +159,13 @@ def compare_finetune(
     eval_set: LabelledSet,
     out: Path,
     seeds: int = 1,
+    changes: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """The same fine-tuning recipe from the pretrained weights and from a random init, with
     fine-tuning seeds 0..seeds-1 (the seed also draws the scratch arm's init). `best` is the
-    mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's."""
+    mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's.
+    `changes` are FinetuneConfig KEY=VALUE overrides (`--ft`)."""
+    ft = finetune_overrides(ft, changes)
     pre = load_pretrained_state(run_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, source in (("pretrained", pre), ("scratch", pre.config)):
@@ -180,6 +187,18 @@ def compare_finetune(
             "history": runs[0].history,
         }
     return rows
+
+
+def finetune_overrides(ft: FinetuneConfig, changes: Sequence[str]) -> FinetuneConfig:
+    """`ft` with KEY=VALUE changes, each value parsed as the field's current type."""
+    values: dict[str, Any] = {}
+    for change in changes:
+        key, sep, raw = change.partition("=")
+        if not sep or not hasattr(ft, key):
+            raise SystemExit(f"--ft {change!r}: expected KEY=VALUE with KEY a FinetuneConfig field")
+        kind = type(getattr(ft, key))
+        values[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return replace(ft, **values)
 
 
 def seeds_note(rows: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -70,7 +70,7 @@ def main() -> None:
         log_every=10,
         precision="bf16",
     )
-    results = compare_finetune(run_dir, ft, train_set, test_set, work, seeds=args.seeds)
+    results = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
 
     def wer(name: str) -> str:
         best = results[name]["best_epoch"]

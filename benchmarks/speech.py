@@ -31,7 +31,7 @@ from scipy.signal import stft
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from data2vec.config import apply_overrides
+from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.audio import load_audio, normalize_waveform
 from data2vec.extract import Item
 from data2vec.finetune import LabelledSet, finetune_preset
@@ -97,6 +97,7 @@ def main() -> None:
     )
     run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
     algo = algorithm(run_dir)
+    pretrain_clips = len(Path(RunConfig.load(run_dir / "config.json").data.path).read_text().splitlines())
 
     def labelled(fs: list[Path], name: str) -> LabelledSet:
         wavs = [normalize_waveform(load_audio(f, 16_000)) for f in fs]
@@ -109,7 +110,7 @@ def main() -> None:
     ft = finetune_preset(
         "audio_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10, precision="bf16"
     )
-    rows = compare_finetune(run_dir, ft, train_set, test_set, work, seeds=args.seeds)
+    rows = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
 
     def items(data: LabelledSet) -> list[Item]:
         return [Item(str(i), len(data.load(i)), (lambda i=i: torch.from_numpy(data.load(i)))) for i in range(len(data))]
@@ -136,7 +137,7 @@ def main() -> None:
     ]
     ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in rows.items()}
     info = {
-        "pretraining": f"{pinfo['steps']} steps on {len(unlabelled)} clips in {pinfo['seconds'] / 60:.1f} min",
+        "pretraining": f"{pinfo['steps']} steps on {pretrain_clips} clips in {pinfo['seconds'] / 60:.1f} min",
         "fine-tuning": f"{args.finetune_epochs} epochs, lr {args.lr}, on {len(train_set)} clips, "
         f"{ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)",
         "test clips": len(test_set),

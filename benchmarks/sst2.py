@@ -64,7 +64,7 @@ def main() -> None:
     )
     train_set = read_labelled(labelled_tsv, ft, pre.config)
     dev_set = read_labelled(sst / "dev.tsv", ft, pre.config, train_set.classes)
-    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, seeds=args.seeds)
+    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides)
 
     tcfg = pre.config.model.text
 

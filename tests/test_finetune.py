@@ -288,6 +288,27 @@ def test_audio_classification_from_class_folders(tmp_path: Path) -> None:
     assert meta["classes"] == ["high", "low"] and result.metric == "accuracy"
 
 
+def test_audio_classification_batch_norm_head(tmp_path: Path) -> None:
+    write_audio_folder(tmp_path / "clips")
+    ft = finetune_preset("audio_cls", **FAST, lr=1e-3, mask_length=2, max_sample_size=3000, head_norm="batch")
+    finetune(tiny_audio_config(2), ft, tmp_path / "clips", tmp_path / "clips", tmp_path / "ft", quiet=True)
+    model, _, meta = load_finetuned(tmp_path / "ft")
+    norm = model.head[0]
+    assert meta["config"]["head_norm"] == "batch" and isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine
+    # training updated the running statistics, and they were saved and loaded with the weights
+    assert norm.running_var is not None and not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+    wav = torch.randn(3, 3000)
+    model.eval()
+    a, _ = model(wav)
+    b, _ = model(wav[:1])
+    assert torch.allclose(a[:1], b, atol=1e-5)  # eval: running statistics, no batch dependence
+    model.train()
+    one, _ = model(wav[:1])  # a training batch of one falls back to the running statistics
+    assert one.shape == (1, 2) and torch.isfinite(one).all()
+    with pytest.raises(ConfigError, match="head_norm"):
+        FinetuneConfig(task="audio_cls", head_norm="group")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- text
 
 

@@ -10,6 +10,7 @@ Tasks (`FinetuneConfig.task`):
 - `image_cls`: mean over the patch tokens (CLS excluded) -> LayerNorm -> Linear, with
   layer-wise lr decay, drop-path, mixup/cutmix and label smoothing; metric: accuracy.
 - `audio_cls`: mean over the valid frames -> LayerNorm -> Linear; metric: accuracy.
+  (`head_norm="batch"`: BatchNorm without affine in place of the LayerNorm, both tasks.)
 - `audio_ctc`: a Linear per frame over letters (`|` between words, blank = 0), CTC loss with
   the CNN frozen and time/channel masking kept on while training (v1 replaces masked frames
   by the learned mask vector, v2 by N(0, 0.01) noise); greedy decoding; metrics: CER (used to
@@ -111,6 +112,11 @@ class FinetuneConfig:
     """Training images: RandomResizedCrop area range (1, 1 = no crop); plus a horizontal flip."""
     hflip: bool = True
     clip_grad: float = 0.0
+    head_norm: Literal["layer", "batch"] = "layer"
+    """Classification heads on pooled features (image_cls, audio_cls): LayerNorm, or "batch":
+    BatchNorm without affine (each feature standardised over the batch, as in MAE's linear
+    probe), which lets the head use small differences between clips whose pooled features
+    share a large common part."""
     freeze_cnn: bool = True
     """Audio: keep the CNN feature extractor frozen (feature_grad_mult 0)."""
     freeze_encoder_steps: int = 0
@@ -158,6 +164,7 @@ class FinetuneConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(self.max_tokens == 0 or self.max_tokens >= 3, "max_tokens", "must be 0 or >= 3")
         _check(bool(self.label_column), "label_column", "must not be empty")
+        _check(self.head_norm in ("layer", "batch"), "head_norm", f"{self.head_norm!r} is not 'layer' or 'batch'")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",
@@ -513,7 +520,7 @@ def mix_batch(
 class FinetuneModel(nn.Module):
     """A pretrained front-end and encoder with a task head."""
 
-    def __init__(self, backbone: Data2Vec, task: str, num_outputs: int) -> None:
+    def __init__(self, backbone: Data2Vec, task: str, num_outputs: int, head_norm: str = "layer") -> None:
         super().__init__()
         self.task = task
         self.version = backbone.cfg.version
@@ -532,7 +539,8 @@ class FinetuneModel(nn.Module):
             trunc_normal_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
-            self.head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_outputs))
+            norm = nn.LayerNorm(dim, eps=1e-6) if head_norm == "layer" else nn.BatchNorm1d(dim, affine=False)
+            self.head = nn.Sequential(norm, nn.Linear(dim, num_outputs))
             lin = self.head[1]
             assert isinstance(lin, nn.Linear)
             trunc_normal_(lin.weight)
@@ -599,6 +607,11 @@ class FinetuneModel(nn.Module):
         else:
             keep = (~pad).unsqueeze(-1).to(x.dtype)
             pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        if self.training and pooled.shape[0] == 1 and isinstance(self.head, nn.Sequential):
+            norm, linear = self.head
+            if isinstance(norm, nn.BatchNorm1d):  # a batch of one has no batch statistics: use the running ones
+                pooled = nn.functional.batch_norm(pooled, norm.running_mean, norm.running_var, training=False)
+                return linear(pooled), None
         return self.head(pooled), None
 
 
@@ -845,7 +858,7 @@ def load_finetuned(path: str | Path) -> tuple[FinetuneModel, RunConfig, dict[str
     rcfg = RunConfig.load(p / "config.json")
     meta = json.loads((p / "finetune.json").read_text())
     cfg = FinetuneConfig.from_dict(meta["config"])
-    model = FinetuneModel(Data2Vec.from_config(rcfg), cfg.task, int(meta["num_outputs"]))
+    model = FinetuneModel(Data2Vec.from_config(rcfg), cfg.task, int(meta["num_outputs"]), cfg.head_norm)
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     return model.eval(), rcfg, meta
 
@@ -901,7 +914,7 @@ def build_finetune_model(
         if wrong or missing:
             raise ValueError(f"pretrained weights do not fit the model: missing {missing[:5]}, wrong shape {wrong[:5]}")
         backbone.load_state_dict(wanted, strict=False)
-    model = FinetuneModel(backbone, cfg.task, num_outputs)
+    model = FinetuneModel(backbone, cfg.task, num_outputs, cfg.head_norm)
     return model, rcfg
 
 
