@@ -23,7 +23,7 @@ import torch
 
 from data2vec.config import RunConfig
 from data2vec.extract import Item, extract_items, load_pretrained_state
-from data2vec.finetune import FinetuneConfig, LabelledSet, finetune
+from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
 from data2vec.probe import linear_probe
 from data2vec.train import train
@@ -160,21 +160,28 @@ def compare_finetune(
     out: Path,
     seeds: int = 1,
     changes: Sequence[str] = (),
+    test_set: LabelledSet | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The same fine-tuning recipe from the pretrained weights and from a random init, with
     fine-tuning seeds 0..seeds-1 (the seed also draws the scratch arm's init). `best` is the
     mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's.
-    `changes` are FinetuneConfig KEY=VALUE overrides (`--ft`)."""
+    `changes` are FinetuneConfig KEY=VALUE overrides (`--ft`). With `test_set`, each run's
+    best checkpoint (chosen on `eval_set`) is also scored there: `test` (mean) and `tests`."""
     ft = finetune_overrides(ft, changes)
     pre = load_pretrained_state(run_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, source in (("pretrained", pre), ("scratch", pre.config)):
-        runs = []
+        runs, tests = [], []
         for seed in range(seeds):
             tag = f"ft-{name}" if seeds == 1 else f"ft-{name}-seed{seed}"
             r = finetune(source, replace(ft, seed=seed), train_set, eval_set, out / tag, quiet=True)
             runs.append(r)
             print(f"fine-tune {name} seed {seed}: best {r.metric} {r.best_metric:.4f} ({r.seconds / 60:.1f} min)")
+            if test_set is not None:
+                model, rcfg, meta = load_finetuned(out / tag)
+                score = evaluate(model, test_set, FinetuneConfig.from_dict(meta["config"]), rcfg).metrics[r.metric]
+                tests.append(float(score))
+                print(f"  its best checkpoint on {test_set.name}: {r.metric} {score:.4f}", flush=True)
         bests = [float(r.best_metric) for r in runs]
         rows[name] = {
             "metric": runs[0].metric,
@@ -186,6 +193,8 @@ def compare_finetune(
             "seconds": sum(r.seconds for r in runs),
             "history": runs[0].history,
         }
+        if tests:
+            rows[name] |= {"test": float(np.mean(tests)), "tests": tests, "test_std": float(np.std(tests))}
     return rows
 
 
@@ -205,11 +214,16 @@ def seeds_note(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Info lines with each arm's per-seed results (nothing for a single seed)."""
     if len(rows["pretrained"]["bests"]) == 1:
         return {}
-    return {
-        f"per-seed best ({name})": ", ".join(f"{b:.4f}" for b in r["bests"])
-        + f" (mean {r['best']:.4f}, std {r['std']:.4f})"
-        for name, r in rows.items()
-    }
+    out = {}
+    for name, r in rows.items():
+        out[f"per-seed best ({name})"] = (
+            ", ".join(f"{b:.4f}" for b in r["bests"]) + f" (mean {r['best']:.4f}, std {r['std']:.4f})"
+        )
+        if "tests" in r:
+            out[f"per-seed test ({name})"] = (
+                ", ".join(f"{b:.4f}" for b in r["tests"]) + f" (mean {r['test']:.4f}, std {r['test_std']:.4f})"
+            )
+    return out
 
 
 def probe_compare(

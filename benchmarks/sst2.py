@@ -64,7 +64,9 @@ def main() -> None:
     )
     train_set = read_labelled(labelled_tsv, ft, pre.config)
     dev_set = read_labelled(sst / "dev.tsv", ft, pre.config, train_set.classes)
-    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides)
+    test_set = read_labelled(sst / "test.tsv", ft, pre.config, train_set.classes)
+    test_set.name = "SST-2 test"
+    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides, test_set)
 
     tcfg = pre.config.model.text
 
@@ -84,15 +86,20 @@ def main() -> None:
     tr_x, tr_y = texts(sst / "train.tsv", args.labels)
     dv_x, dv_y = texts(sst / "dev.tsv")
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(tr_x)
-    tfidf = float(LogisticRegression(max_iter=2000).fit(vec.transform(tr_x), tr_y).score(vec.transform(dv_x), dv_y))
-    print(f"TF-IDF logistic regression: {tfidf:.4f}")
+    te_x, te_y = texts(sst / "test.tsv")
+    lr = LogisticRegression(max_iter=2000).fit(vec.transform(tr_x), tr_y)
+    tfidf, tfidf_test = float(lr.score(vec.transform(dv_x), dv_y)), float(lr.score(vec.transform(te_x), te_y))
+    print(f"TF-IDF logistic regression: dev {tfidf:.4f}, test {tfidf_test:.4f}")
 
     table = [
         (f"{algo} pretrained, fine-tuned", "dev accuracy", f"{rows['pretrained']['best']:.4f}"),
         ("same architecture from scratch, fine-tuned", "dev accuracy", f"{rows['scratch']['best']:.4f}"),
+        (f"{algo} pretrained, fine-tuned", "test accuracy", f"{rows['pretrained']['test']:.4f}"),
+        ("same architecture from scratch, fine-tuned", "test accuracy", f"{rows['scratch']['test']:.4f}"),
         (f"{algo} pretrained, linear probe", "dev accuracy", f"{probe['pretrained']:.4f}"),
         ("random init, linear probe", "dev accuracy", f"{probe['scratch']:.4f}"),
         (f"TF-IDF logistic regression ({args.labels} sentences)", "dev accuracy", f"{tfidf:.4f}"),
+        (f"TF-IDF logistic regression ({args.labels} sentences)", "test accuracy", f"{tfidf_test:.4f}"),
         ("majority class", "dev accuracy", f"{max(np.mean(dv_y), 1 - np.mean(dv_y)):.4f}"),
     ]
     ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in rows.items()}
@@ -103,6 +110,7 @@ def main() -> None:
         f"{ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)",
         "dev sentences": len(dev_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
+        "margin (test, best-on-dev checkpoints)": f"{rows['pretrained']['test'] - rows['scratch']['test']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
         **seeds_note(rows),
         **footer(args, t_all),
