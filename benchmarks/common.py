@@ -144,7 +144,8 @@ def reuse_pretrained(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     cfg = RunConfig.load(run_dir / "config.json")
     info = {
         "steps": rows[-1]["step"],
-        "seconds": float("nan"),
+        # config.json is written when the run starts, summary.json when it ends
+        "seconds": (run_dir / "summary.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime,
         "final_loss": rows[-1]["loss"],
         "batch_size": cfg.data.batch_size,
         "reused": str(run_dir),
