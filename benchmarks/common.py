@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data2vec.config import RunConfig
+from data2vec.config import RunConfig, apply_overrides
 from data2vec.extract import Item, extract_items, load_pretrained_state
 from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
@@ -168,7 +168,7 @@ def compare_finetune(
     mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's.
     `changes` are FinetuneConfig KEY=VALUE overrides (`--ft`). With `test_set`, each run's
     best checkpoint (chosen on `eval_set`) is also scored there: `test` (mean) and `tests`."""
-    ft = finetune_overrides(ft, changes)
+    ft = apply_overrides(ft, list(changes))
     pre = load_pretrained_state(run_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, source in (("pretrained", pre), ("scratch", pre.config)):
@@ -197,18 +197,6 @@ def compare_finetune(
         if tests:
             rows[name] |= {"test": float(np.mean(tests)), "tests": tests, "test_std": float(np.std(tests))}
     return rows
-
-
-def finetune_overrides(ft: FinetuneConfig, changes: Sequence[str]) -> FinetuneConfig:
-    """`ft` with KEY=VALUE changes, each value parsed as the field's current type."""
-    values: dict[str, Any] = {}
-    for change in changes:
-        key, sep, raw = change.partition("=")
-        if not sep or not hasattr(ft, key):
-            raise SystemExit(f"--ft {change!r}: expected KEY=VALUE with KEY a FinetuneConfig field")
-        kind = type(getattr(ft, key))
-        values[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
-    return replace(ft, **values)
 
 
 def seeds_note(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
