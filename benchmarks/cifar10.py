@@ -14,20 +14,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import common
 import numpy as np
 import torch
-from common import (
-    DATA,
-    algorithm,
-    bench_parser,
-    compare_finetune,
-    footer,
-    pretrain_or_reuse,
-    probe_compare,
-    seeds_note,
-    start,
-    write_results,
-)
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -47,16 +36,16 @@ def labelled(source: TarShardSource | ImageFolderSource, indices: np.ndarray, na
 
 
 def main() -> None:
-    p = bench_parser(__doc__, "cifar10", budget=5.0, epochs=3)
+    p = common.bench_parser(__doc__, "cifar10", budget=5.0, epochs=3)
     p.add_argument("--labels", type=int, default=5000, help="labelled training images (10%% = 5000)")
     p.add_argument("--test-limit", type=int, default=10000)
     args = p.parse_args()
-    out, work, t_all = start(args)
-    shards = sorted(str(s) for s in (DATA / "cifar10").glob("train-*.tar"))
+    out, work, t_all = common.start(args)
+    shards = sorted(str(s) for s in (common.DATA / "cifar10").glob("train-*.tar"))
     cfg = apply_overrides(
         preset("image-tiny", args.version),
         [
-            f"data.path={DATA / 'cifar10' / 'train-*.tar'}",
+            f"data.path={common.DATA / 'cifar10' / 'train-*.tar'}",
             "data.num_workers=0",
             "data.batch_size=64",
             "train.precision=bf16",
@@ -64,11 +53,11 @@ def main() -> None:
             *args.overrides,
         ],
     )
-    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
-    algo = algorithm(run_dir)
+    run_dir, pinfo = common.pretrain_or_reuse(cfg, args, work)
+    algo = common.algorithm(run_dir)
 
     train_src = TarShardSource(shards)
-    test_src = ImageFolderSource(DATA / "cifar10" / "test")
+    test_src = ImageFolderSource(common.DATA / "cifar10" / "test")
     rng = np.random.default_rng(0)
     test_idx = np.sort(rng.permutation(len(test_src))[: args.test_limit])
     train_set = labelled(train_src, np.arange(args.labels), "cifar10 train (labelled part)")
@@ -76,7 +65,9 @@ def main() -> None:
 
     ft = finetune_preset("image_cls", epochs=args.finetune_epochs, batch_size=64, log_every=10, precision="bf16")
     ft = replace(ft, crop_scale=(0.5, 1.0))
-    rows = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
+    rows = common.compare_finetune(
+        run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
+    )
 
     icfg, dcfg = cfg.model.image, cfg.data
 
@@ -86,7 +77,7 @@ def main() -> None:
 
         return [Item(str(i), 1, (lambda i=i: load(i))) for i in range(len(data))]
 
-    probe = probe_compare(run_dir, items, train_set, test_set)
+    probe = common.probe_compare(run_dir, items, train_set, test_set)
 
     def pixels(data: LabelledSet) -> np.ndarray:
         rgb = [np.asarray(data.load(i).convert("RGB"), np.float32).reshape(-1) / 255 for i in range(len(data))]
@@ -112,11 +103,11 @@ def main() -> None:
         "test images": len(test_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        **seeds_note(rows),
-        **footer(args, t_all),
+        **common.seeds_note(rows),
+        **common.footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
-    write_results(out, f"CIFAR-10 (image-tiny, {algo})", table, info, curves)
+    common.write_results(out, f"CIFAR-10 (image-tiny, {algo})", table, info, curves)
 
 
 if __name__ == "__main__":

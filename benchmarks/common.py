@@ -56,6 +56,9 @@ def bench_parser(
     p.add_argument("--version", type=int, choices=(1, 2), default=2, help="data2vec 1.0 or 2.0 preset")
     p.add_argument("--seeds", type=int, default=1, help="fine-tune each arm with this many seeds (mean reported)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--jobs", type=int, default=1, help="fine-tuning runs (arms x seeds) at once, one process each (--threads 1)"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config KEY=VALUE")
     p.add_argument(
         "--ft", dest="ft_overrides", action="append", default=[], help="fine-tuning config KEY=VALUE (both arms)"
@@ -88,6 +91,7 @@ def footer(args: argparse.Namespace, t_all: float) -> dict[str, str]:
         "pretraining overrides": (
             f"see {args.pretrained}/config.json (reused run)" if args.pretrained else " ".join(args.overrides) or "none"
         ),
+        **({"fine-tuning runs at once": str(args.jobs)} if args.jobs > 1 else {}),
         "fine-tuning overrides": " ".join(args.ft_overrides) or "none",
         "machine": machine(),
     }
@@ -139,18 +143,38 @@ def pretrain_for(
 
 
 def reuse_pretrained(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """A finished pretraining run (`--pretrained RUN_DIR`) instead of a new one, and its info."""
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    cfg = RunConfig.load(run_dir / "config.json")
-    info = {
-        "steps": rows[-1]["step"],
+    """A finished pretraining run (`--pretrained RUN_DIR`) instead of a new one, and its info.
+    A run that continued another (`data2vec pretrain --init RUN`, named in its init.json) counts
+    the earlier run's steps and time too, back to the first run of the chain."""
+    steps, seconds, chain = 0, 0.0, []
+    run: Path | None = run_dir
+    while run is not None:
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        steps += int(rows[-1]["step"])
         # config.json is written when the run starts, summary.json when it ends
-        "seconds": (run_dir / "summary.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime,
-        "final_loss": rows[-1]["loss"],
-        "batch_size": cfg.data.batch_size,
-        "reused": str(run_dir),
+        seconds += (run / "summary.json").stat().st_mtime - (run / "config.json").stat().st_mtime
+        chain.append(f"{run} ({rows[-1]['step']} steps)")
+        init = run / "init.json"
+        parent = Path(json.loads(init.read_text())["init"]) if init.is_file() else None
+        run = parent if parent is not None and (parent / "metrics.jsonl").is_file() else None
+    last = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()][-1]
+    info = {
+        "steps": steps,
+        "seconds": seconds,
+        "final_loss": last["loss"],
+        "batch_size": RunConfig.load(run_dir / "config.json").data.batch_size,
+        "reused": " <- ".join(chain),
     }
     return run_dir, info
+
+
+_JOBS: list[Callable[[], dict[str, Any]]] = []
+"""Fine-tuning runs waiting for a worker; forked workers inherit them (datasets hold closures,
+which cannot be pickled for a spawned process)."""
+
+
+def _run_job(i: int) -> dict[str, Any]:
+    return _JOBS[i]()
 
 
 def compare_finetune(
@@ -162,39 +186,64 @@ def compare_finetune(
     seeds: int = 1,
     changes: Sequence[str] = (),
     test_set: LabelledSet | None = None,
+    jobs: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """The same fine-tuning recipe from the pretrained weights and from a random init, with
     fine-tuning seeds 0..seeds-1 (the seed also draws the scratch arm's init). `best` is the
     mean over seeds of each run's best eval metric; `bests` lists them; curves are seed 0's.
     `changes` are FinetuneConfig KEY=VALUE overrides (`--ft`). With `test_set`, each run's
-    best checkpoint (chosen on `eval_set`) is also scored there: `test` (mean) and `tests`."""
+    best checkpoint (chosen on `eval_set`) is also scored there: `test` (mean) and `tests`.
+    `jobs` > 1 runs that many fine-tuning runs at once in forked processes (one torch thread
+    each, so that the fork is safe)."""
     ft = apply_overrides(ft, list(changes))
     pre = load_pretrained_state(run_dir)
-    rows: dict[str, dict[str, Any]] = {}
-    for name, source in (("pretrained", pre), ("scratch", pre.config)):
-        runs, tests = [], []
-        for seed in range(seeds):
+
+    def job(name: str, source: Any, seed: int) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
             tag = f"ft-{name}" if seeds == 1 else f"ft-{name}-seed{seed}"
             r = finetune(source, replace(ft, seed=seed), train_set, eval_set, out / tag, quiet=True)
-            runs.append(r)
             print(f"fine-tune {name} seed {seed}: best {r.metric} {r.best_metric:.4f} ({r.seconds / 60:.1f} min)")
+            res = {"metric": r.metric, "best": float(r.best_metric), "best_epoch": r.best_epoch}
+            res |= {"history": r.history, "seconds": r.seconds}
             if test_set is not None:
                 model, rcfg, meta = load_finetuned(out / tag)
                 score = evaluate(model, test_set, FinetuneConfig.from_dict(meta["config"]), rcfg).metrics[r.metric]
-                tests.append(float(score))
+                res["test"] = float(score)
                 print(f"  its best checkpoint on {test_set.name}: {r.metric} {score:.4f}", flush=True)
-        bests = [float(r.best_metric) for r in runs]
+            return res
+
+        return run
+
+    arms = (("pretrained", pre), ("scratch", pre.config))
+    _JOBS[:] = [job(name, source, seed) for name, source in arms for seed in range(seeds)]
+    try:
+        if jobs > 1:
+            if torch.get_num_threads() != 1:
+                raise ValueError("parallel fine-tuning (--jobs > 1) needs --threads 1")
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(min(jobs, len(_JOBS)), maxtasksperchild=1) as pool:
+                done = pool.map(_run_job, range(len(_JOBS)), chunksize=1)
+        else:
+            done = [run() for run in _JOBS]
+    finally:
+        _JOBS.clear()
+    rows: dict[str, dict[str, Any]] = {}
+    for k, (name, _) in enumerate(arms):
+        runs = done[k * seeds : (k + 1) * seeds]
+        bests = [r["best"] for r in runs]
         rows[name] = {
-            "metric": runs[0].metric,
+            "metric": runs[0]["metric"],
             "best": float(np.mean(bests)),
             "bests": bests,
             "std": float(np.std(bests)),
-            "best_epoch": runs[0].best_epoch,
-            "last": runs[0].history[-1][f"eval_{runs[0].metric}"],
-            "seconds": sum(r.seconds for r in runs),
-            "history": runs[0].history,
+            "best_epoch": runs[0]["best_epoch"],
+            "last": runs[0]["history"][-1][f"eval_{runs[0]['metric']}"],
+            "seconds": sum(r["seconds"] for r in runs),
+            "history": runs[0]["history"],
         }
-        if tests:
+        if test_set is not None:
+            tests = [r["test"] for r in runs]
             rows[name] |= {"test": float(np.mean(tests)), "tests": tests, "test_std": float(np.std(tests))}
     return rows
 

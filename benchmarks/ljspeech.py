@@ -13,17 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common import (
-    DATA,
-    algorithm,
-    bench_parser,
-    compare_finetune,
-    footer,
-    pretrain_or_reuse,
-    seeds_note,
-    start,
-    write_results,
-)
+import common
+import numpy as np
+import soxr
 
 from data2vec.config import apply_overrides
 from data2vec.data.audio import load_audio, normalize_waveform
@@ -39,11 +31,19 @@ def letters_only(text: str) -> str:
 
 
 def main() -> None:
-    p = bench_parser(__doc__, "ljspeech", budget=10.0, epochs=30, lr=5e-4)
+    p = common.bench_parser(__doc__, "ljspeech", budget=10.0, epochs=30, lr=5e-4)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--band-limit",
+        type=int,
+        default=0,
+        help="fine-tune and test on the utterances band-limited to this many Hz (read at twice the rate, then "
+        "resampled to 16 kHz): telephone-band speech, or the band of a model pretrained on 8 kHz audio; "
+        "0 = full band",
+    )
     args = p.parse_args()
-    out, work, t_all = start(args)
-    root = DATA / "ljspeech-subset"
+    out, work, t_all = common.start(args)
+    root = common.DATA / "ljspeech-subset"
     rows = [ln.split("\t") for ln in (root / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[1:]]
     utts = [(root / "flac" / f"{uid}.flac", letters_only(text)) for uid, text in rows]
     train_utts, test_utts = utts[:-HELD_OUT], utts[-HELD_OUT:]
@@ -53,11 +53,17 @@ def main() -> None:
         preset("audio-tiny", args.version),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
-    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
-    algo = algorithm(run_dir)
+    run_dir, pinfo = common.pretrain_or_reuse(cfg, args, work)
+    algo = common.algorithm(run_dir)
+
+    def read(path: Path) -> np.ndarray:
+        if not args.band_limit:
+            return load_audio(path, 16_000)
+        rate = 2 * args.band_limit
+        return np.asarray(soxr.resample(load_audio(path, rate), rate, 16_000), dtype=np.float32)
 
     def labelled(pairs: list[tuple[Path, str]], name: str) -> LabelledSet:
-        wavs = [normalize_waveform(load_audio(f, 16_000)) for f, _ in pairs]
+        wavs = [normalize_waveform(read(f)) for f, _ in pairs]
         return LabelledSet(lambda i: wavs[i], [t for _, t in pairs], [], name)
 
     train_set = labelled(train_utts, "ljspeech train")
@@ -70,7 +76,9 @@ def main() -> None:
         log_every=10,
         precision="bf16",
     )
-    results = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
+    results = common.compare_finetune(
+        run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
+    )
 
     def wer(name: str) -> str:
         best = results[name]["best_epoch"]
@@ -87,19 +95,26 @@ def main() -> None:
     audio_min = sum(len(train_set.load(i)) for i in range(len(train_set))) / 16_000 / 60
     ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in results.items()}
     info = {
-        "pretraining": f"{pinfo['steps']} steps on {len(train_utts)} utterances ({audio_min:.1f} min of audio) "
-        f"in {pinfo['seconds'] / 60:.1f} min",
+        "pretraining": (
+            f"{pinfo['steps']} steps in {pinfo['seconds'] / 60:.1f} min on "
+            + (
+                f"the reused run's audio ({pinfo['reused']})"
+                if args.pretrained
+                else f"{len(train_utts)} utterances ({audio_min:.1f} min of audio)"
+            )
+        ),
         "fine-tuning": f"{args.finetune_epochs} epochs, lr {args.lr}, batch {args.batch_size}, on {len(train_set)} "
         f"utterances, {ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)",
         "held-out utterances": len(test_set),
+        "audio band": f"0-{args.band_limit} Hz (band-limited)" if args.band_limit else "full (0-8 kHz)",
         "margin (CER, scratch - pretrained; positive = pretraining helps)": (
             f"{results['scratch']['best'] - results['pretrained']['best']:+.4f}"
         ),
-        **seeds_note(results),
-        **footer(args, t_all),
+        **common.seeds_note(results),
+        **common.footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in results.items()}
-    write_results(
+    common.write_results(
         out, f"LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, {algo})", table, info, curves
     )
 

@@ -12,21 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import common
 import numpy as np
 import soundfile as sf
 import torch
-from common import (
-    DATA,
-    algorithm,
-    bench_parser,
-    compare_finetune,
-    footer,
-    pretrain_or_reuse,
-    probe_compare,
-    seeds_note,
-    start,
-    write_results,
-)
 from scipy.signal import stft
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -74,7 +63,7 @@ def synthetic_speech(sentences: int, work: Path) -> list[Path]:
 
 
 def main() -> None:
-    p = bench_parser(__doc__, "speech", budget=5.0, epochs=3, lr=2e-4)
+    p = common.bench_parser(__doc__, "speech", budget=5.0, epochs=3, lr=2e-4)
     p.add_argument("--every", type=int, default=1, help="use every N-th clip (a quick smoke run)")
     p.add_argument(
         "--synthetic",
@@ -84,8 +73,8 @@ def main() -> None:
         "needs the speech extra), band-limited to FSDD's 8 kHz",
     )
     args = p.parse_args()
-    out, work, t_all = start(args)
-    files = sorted((DATA / "fsdd" / "recordings").glob("*.wav"))[:: args.every]
+    out, work, t_all = common.start(args)
+    files = sorted((common.DATA / "fsdd" / "recordings").glob("*.wav"))[:: args.every]
     train_files = [f for f in files if f.stem.split("_")[1] not in HELD_OUT]
     test_files = [f for f in files if f.stem.split("_")[1] in HELD_OUT]
     unlabelled = train_files + synthetic_speech(args.synthetic, work)
@@ -95,8 +84,8 @@ def main() -> None:
         preset("audio-tiny", args.version),
         [f"data.path={manifest}", "data.num_workers=0", "train.precision=bf16", "train.log_every=10", *args.overrides],
     )
-    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
-    algo = algorithm(run_dir)
+    run_dir, pinfo = common.pretrain_or_reuse(cfg, args, work)
+    algo = common.algorithm(run_dir)
     pretrain_clips = len(Path(RunConfig.load(run_dir / "config.json").data.path).read_text().splitlines())
 
     def labelled(fs: list[Path], name: str) -> LabelledSet:
@@ -110,12 +99,14 @@ def main() -> None:
     ft = finetune_preset(
         "audio_cls", epochs=args.finetune_epochs, lr=args.lr, batch_size=32, log_every=10, precision="bf16"
     )
-    rows = compare_finetune(run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides)
+    rows = common.compare_finetune(
+        run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
+    )
 
     def items(data: LabelledSet) -> list[Item]:
         return [Item(str(i), len(data.load(i)), (lambda i=i: torch.from_numpy(data.load(i)))) for i in range(len(data))]
 
-    probe = probe_compare(run_dir, items, train_set, test_set)
+    probe = common.probe_compare(run_dir, items, train_set, test_set)
 
     sc = StandardScaler().fit(np.stack([spectrogram(f) for f in train_files]))
     x_tr = sc.transform(np.stack([spectrogram(f) for f in train_files]))
@@ -143,11 +134,12 @@ def main() -> None:
         "test clips": len(test_set),
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        **seeds_note(rows),
-        **footer(args, t_all),
+        **common.seeds_note(rows),
+        **common.footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
-    write_results(out, f"FSDD digits, speakers george and lucas held out (audio-tiny, {algo})", table, info, curves)
+    title = f"FSDD digits, speakers george and lucas held out (audio-tiny, {algo})"
+    common.write_results(out, title, table, info, curves)
 
 
 if __name__ == "__main__":

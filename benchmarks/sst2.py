@@ -12,20 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import (
-    DATA,
-    algorithm,
-    bench_parser,
-    compare_finetune,
-    footer,
-    pretrain_or_reuse,
-    probe_compare,
-    seeds_note,
-    start,
-    write_results,
-)
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -36,11 +25,11 @@ from data2vec.presets import preset
 
 
 def main() -> None:
-    p = bench_parser(__doc__, "sst2", budget=5.0, epochs=5, lr=1e-4)
+    p = common.bench_parser(__doc__, "sst2", budget=5.0, epochs=5, lr=1e-4)
     p.add_argument("--labels", type=int, default=2000, help="labelled training sentences")
     args = p.parse_args()
-    out, work, t_all = start(args)
-    sst = DATA / "sst2"
+    out, work, t_all = common.start(args)
+    sst = common.DATA / "sst2"
     cfg = apply_overrides(
         preset("text-tiny", args.version),
         [
@@ -52,8 +41,8 @@ def main() -> None:
             *args.overrides,
         ],
     )
-    run_dir, pinfo = pretrain_or_reuse(cfg, args, work)
-    algo = algorithm(run_dir)
+    run_dir, pinfo = common.pretrain_or_reuse(cfg, args, work)
+    algo = common.algorithm(run_dir)
     pre = load_pretrained_state(run_dir)
 
     lines = (sst / "train.tsv").read_text(encoding="utf-8").splitlines()
@@ -66,7 +55,9 @@ def main() -> None:
     dev_set = read_labelled(sst / "dev.tsv", ft, pre.config, train_set.classes)
     test_set = read_labelled(sst / "test.tsv", ft, pre.config, train_set.classes)
     test_set.name = "SST-2 test"
-    rows = compare_finetune(run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides, test_set)
+    rows = common.compare_finetune(
+        run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides, test_set, jobs=args.jobs
+    )
 
     tcfg = pre.config.model.text
 
@@ -77,7 +68,7 @@ def main() -> None:
 
         return [Item(str(i), len(data.load(i)) + 2, (lambda i=i: seq(i))) for i in range(len(data))]
 
-    probe = probe_compare(run_dir, items, train_set, dev_set)
+    probe = common.probe_compare(run_dir, items, train_set, dev_set)
 
     def texts(path: Path, n: int | None = None) -> tuple[list[str], list[int]]:
         rows_ = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines()[1:]][:n]
@@ -112,11 +103,11 @@ def main() -> None:
         "margin (fine-tuned, pretrained - scratch)": f"{rows['pretrained']['best'] - rows['scratch']['best']:+.4f}",
         "margin (test, best-on-dev checkpoints)": f"{rows['pretrained']['test'] - rows['scratch']['test']:+.4f}",
         "margin (linear probe)": f"{probe['pretrained'] - probe['scratch']:+.4f}",
-        **seeds_note(rows),
-        **footer(args, t_all),
+        **common.seeds_note(rows),
+        **common.footer(args, t_all),
     }
     curves = {k: v["history"] for k, v in rows.items()}
-    write_results(out, f"SST-2 (text-tiny, {algo})", table, info, curves)
+    common.write_results(out, f"SST-2 (text-tiny, {algo})", table, info, curves)
 
 
 if __name__ == "__main__":
