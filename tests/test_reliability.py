@@ -281,3 +281,33 @@ def test_sigkill_at_five_random_moments_then_resume_is_bit_identical(tmp_path: P
     b_state = load_checkpoint(clean / "checkpoints" / "step_00000016").state
     assert torch.equal(a_state["rng_cpu"], b_state["rng_cpu"])
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_replace_folder_is_all_or_nothing(tmp_path: Path) -> None:
+    """A folder written with replace_folder (fine-tuned `best/`, exports) is either the old one
+    or the complete new one: a failing writer leaves the old folder and no temporary behind."""
+    target = tmp_path / "best"
+
+    def write(text: str) -> Any:
+        def fill(tmp: Path) -> None:
+            (tmp / "a.txt").write_text(text)
+            (tmp / "b.txt").write_text(text)
+
+        return fill
+
+    checkpoint_module.replace_folder(target, write("one"))
+    assert (target / "a.txt").read_text() == "one"
+
+    def failing(tmp: Path) -> None:
+        (tmp / "a.txt").write_text("two")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        checkpoint_module.replace_folder(target, failing)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
+    assert (target / "a.txt").read_text() == "one"
+
+    checkpoint_module.replace_folder(target, write("three"))
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert (target / "b.txt").read_text() == "three"

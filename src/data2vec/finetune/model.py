@@ -4,9 +4,6 @@ with layer-wise lr decay, and saving/loading it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from data2vec.checkpoint import replace_folder
 from data2vec.config import RunConfig
 from data2vec.finetune.config import FinetuneConfig
 from data2vec.modalities.base import Tokens
@@ -154,31 +152,6 @@ def param_groups(model: FinetuneModel, weight_decay: float, layer_decay: float) 
     return [groups[k] for k in sorted(groups)]
 
 
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder into a temporary one, fsync it, and swap it into place."""
-    from data2vec.checkpoint import _fsync_dir, _fsync_file
-
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_finetuned(path: Path, model: FinetuneModel, rcfg: RunConfig, meta: dict[str, Any]) -> None:
     """`path/` = model.safetensors + config.json (the encoder's RunConfig) + finetune.json."""
     from safetensors.torch import save_file
@@ -190,7 +163,7 @@ def save_finetuned(path: Path, model: FinetuneModel, rcfg: RunConfig, meta: dict
         (tmp / "config.json").write_text(json.dumps(rcfg.to_dict(), indent=2) + "\n")
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    _atomic_dir(path, write)
+    replace_folder(path, write)
 
 
 def load_finetuned(path: str | Path) -> tuple[FinetuneModel, RunConfig, dict[str, Any]]:

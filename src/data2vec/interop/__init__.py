@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, Literal
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from data2vec.checkpoint import replace_folder
 from data2vec.config import ConfigError, DataConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -98,14 +97,6 @@ def build_model(cfg: RunConfig, state_dict: dict[str, Tensor]) -> Data2Vec:
 # ----------------------------------------------------------------------------- our folder
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_folder(out_dir: str | Path, write: Callable[[Path], None], replaceable: set[str] | None = None) -> Path:
     """Create `out_dir` atomically: `write(tmp)` fills a temporary sibling folder, which is then
     renamed into place. An existing `out_dir` is replaced only if it is empty or holds nothing but
@@ -118,26 +109,7 @@ def write_folder(out_dir: str | Path, write: Callable[[Path], None], replaceable
         others = sorted(p.name for p in out.iterdir() if p.name not in allowed)
         if others:
             raise FileExistsError(f"{out} exists and holds other files ({', '.join(others[:5])}); give a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        if out.exists():
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    replace_folder(out, write)
     return out
 
 
