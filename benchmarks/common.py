@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data2vec.config import RunConfig, apply_overrides
-from data2vec.extract import Item, extract_items, load_pretrained_state
+from data2vec.extract import Item, extract_items, load_pretrained_state, num_layers
 from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
 from data2vec.probe import linear_probe
@@ -287,6 +287,92 @@ def probe_compare(
     return out
 
 
+def ctc_probe_compare(
+    run_dir: Path,
+    train_set: LabelledSet,
+    test_set: LabelledSet,
+    steps: int = 3000,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Frame-level linear CTC probe, pretrained vs random init: per-frame features of every layer
+    (frozen, extracted once), standardised, and one linear layer to letters trained with CTC on
+    `train_set`'s transcripts; greedy decoding on `test_set`. {arm: {layer: {"cer", "wer"}}}."""
+    from data2vec.finetune import encode_letters, letter_vocab
+
+    vocab = letter_vocab([str(t) for t in train_set.targets])
+    targets = [torch.tensor(encode_letters(str(t), vocab), dtype=torch.long) for t in train_set.targets]
+    refs = [str(t) for t in test_set.targets]
+
+    def items(data: LabelledSet) -> list[Item]:
+        return [
+            Item(f"{data.name} {i}", len(data.load(i)), lambda i=i: torch.from_numpy(data.load(i)))
+            for i in range(len(data))
+        ]
+
+    pre = load_pretrained_state(run_dir)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name in ("pretrained", "scratch"):
+        torch.manual_seed(pre.config.train.seed)
+        model = Data2Vec.from_config(pre.config)
+        if name == "pretrained":
+            model.load_state_dict(pre.student, strict=False)
+        every = list(range(num_layers(model) + 1))
+        tr = extract_items(model, items(train_set), every, pool="none", batch_size=8)
+        te = extract_items(model, items(test_set), every, pool="none", batch_size=8)
+        out[name] = {}
+        for layer in sorted(tr):
+            wer, cer = _ctc_probe(tr[layer], targets, te[layer], refs, vocab, steps, batch_size, lr)
+            out[name][layer] = {"cer": cer, "wer": wer}
+            print(f"CTC probe {name} layer {layer}: CER {cer:.4f} WER {wer:.4f}", flush=True)
+    return out
+
+
+def _ctc_probe(
+    train_x: list[np.ndarray],
+    targets: list[torch.Tensor],
+    test_x: list[np.ndarray],
+    refs: list[str],
+    vocab: list[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+) -> tuple[float, float]:
+    """(WER, CER) of a linear CTC layer trained on frozen frame features."""
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+
+    from data2vec.finetune import error_rates, greedy_decode
+    from data2vec.schedules import cosine_lr
+
+    frames = np.concatenate(train_x)
+    mean, std = frames.mean(0), frames.std(0) + 1e-5
+    xs = [torch.from_numpy((x - mean) / std).float() for x in train_x]
+    torch.manual_seed(0)
+    head = torch.nn.Linear(frames.shape[1], len(vocab))
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 0.0, steps // 20)
+        idx = torch.randint(len(xs), (batch_size,), generator=gen).tolist()
+        log_probs = head(pad_sequence([xs[i] for i in idx], batch_first=True)).log_softmax(-1)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            torch.cat([targets[i] for i in idx]),
+            torch.tensor([len(xs[i]) for i in idx]),
+            torch.tensor([len(targets[i]) for i in idx]),
+            blank=0,
+            zero_infinity=True,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hyps = [greedy_decode(head(torch.from_numpy((x - mean) / std).float())[None], None, vocab)[0] for x in test_x]
+    return error_rates(hyps, refs)
+
+
 def write_results(
     out: Path, title: str, rows: Sequence[tuple[str, str, str]], info: dict[str, Any], curves: dict[str, Any]
 ) -> None:
@@ -304,6 +390,8 @@ def write_results(
     print(md)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "info": info, "curves": curves}, indent=2) + "\n")
+    if not curves:  # no fine-tuning runs to plot
+        return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, hist in curves.items():
         metric = next(k for k in hist[0] if k.startswith("eval_") and k not in ("eval_loss", "eval_wer"))

@@ -34,6 +34,12 @@ def main() -> None:
     p = common.bench_parser(__doc__, "ljspeech", budget=10.0, epochs=30, lr=5e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
+        "--ctc-probe-steps",
+        type=int,
+        default=3000,
+        help="also train a linear CTC probe on each layer's frozen frame features for this many steps (0 = no probe)",
+    )
+    p.add_argument(
         "--band-limit",
         type=int,
         default=0,
@@ -68,52 +74,68 @@ def main() -> None:
 
     train_set = labelled(train_utts, "ljspeech train")
     test_set = labelled(test_utts, f"ljspeech last {HELD_OUT}")
-    ft = finetune_preset(
-        "audio_ctc",
-        epochs=args.finetune_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        log_every=10,
-        precision="bf16",
-    )
-    results = common.compare_finetune(
-        run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
-    )
-
-    def wer(name: str) -> str:
-        best = results[name]["best_epoch"]
-        row = next(h for h in results[name]["history"] if h["epoch"] == best)
-        return f"{row['eval_wer']:.4f}"
-
-    table = [
-        (f"{algo} pretrained, CTC fine-tuned", "CER (held-out)", f"{results['pretrained']['best']:.4f}"),
-        ("same architecture from scratch, CTC fine-tuned", "CER (held-out)", f"{results['scratch']['best']:.4f}"),
-        (f"{algo} pretrained, CTC fine-tuned", "WER at the best-CER epoch", wer("pretrained")),
-        ("same architecture from scratch, CTC fine-tuned", "WER at the best-CER epoch", wer("scratch")),
-        ("empty transcript (every reference character an error)", "CER (held-out)", "1.0000"),
-    ]
+    table: list[tuple[str, str, str]] = []
+    info: dict[str, object] = {}
+    curves: dict[str, object] = {}
     audio_min = sum(len(train_set.load(i)) for i in range(len(train_set))) / 16_000 / 60
-    ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in results.items()}
-    info = {
-        "pretraining": (
-            f"{pinfo['steps']} steps in {pinfo['seconds'] / 60:.1f} min on "
-            + (
-                f"the reused run's audio ({pinfo['reused']})"
-                if args.pretrained
-                else f"{len(train_utts)} utterances ({audio_min:.1f} min of audio)"
-            )
-        ),
-        "fine-tuning": f"{args.finetune_epochs} epochs, lr {args.lr}, batch {args.batch_size}, on {len(train_set)} "
-        f"utterances, {ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)",
-        "held-out utterances": len(test_set),
-        "audio band": f"0-{args.band_limit} Hz (band-limited)" if args.band_limit else "full (0-8 kHz)",
-        "margin (CER, scratch - pretrained; positive = pretraining helps)": (
+    info["pretraining"] = f"{pinfo['steps']} steps in {pinfo['seconds'] / 60:.1f} min on " + (
+        f"the reused run's audio ({pinfo['reused']})"
+        if args.pretrained
+        else f"{len(train_utts)} utterances ({audio_min:.1f} min of audio)"
+    )
+    info["held-out utterances"] = len(test_set)
+    info["audio band"] = f"0-{args.band_limit} Hz (band-limited)" if args.band_limit else "full (0-8 kHz)"
+    if args.finetune_epochs > 0:
+        ft = finetune_preset(
+            "audio_ctc",
+            epochs=args.finetune_epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            log_every=10,
+            precision="bf16",
+        )
+        results = common.compare_finetune(
+            run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
+        )
+
+        def wer(name: str) -> str:
+            best = results[name]["best_epoch"]
+            row = next(h for h in results[name]["history"] if h["epoch"] == best)
+            return f"{row['eval_wer']:.4f}"
+
+        table += [
+            (f"{algo} pretrained, CTC fine-tuned", "CER (held-out)", f"{results['pretrained']['best']:.4f}"),
+            ("same architecture from scratch, CTC fine-tuned", "CER (held-out)", f"{results['scratch']['best']:.4f}"),
+            (f"{algo} pretrained, CTC fine-tuned", "WER at the best-CER epoch", wer("pretrained")),
+            ("same architecture from scratch, CTC fine-tuned", "WER at the best-CER epoch", wer("scratch")),
+        ]
+        ft_min = {k: f"{v['seconds'] / 60:.1f}" for k, v in results.items()}
+        info["fine-tuning"] = (
+            f"{args.finetune_epochs} epochs, lr {args.lr}, batch {args.batch_size}, on {len(train_set)} "
+            f"utterances, {ft_min['pretrained']} min (pretrained) / {ft_min['scratch']} min (scratch)"
+        )
+        info["margin (CER, scratch - pretrained; positive = pretraining helps)"] = (
             f"{results['scratch']['best'] - results['pretrained']['best']:+.4f}"
-        ),
-        **common.seeds_note(results),
-        **common.footer(args, t_all),
-    }
-    curves = {k: v["history"] for k, v in results.items()}
+        )
+        info |= common.seeds_note(results)
+        curves = {k: v["history"] for k, v in results.items()}
+    if args.ctc_probe_steps > 0:
+        probe = common.ctc_probe_compare(run_dir, train_set, test_set, steps=args.ctc_probe_steps)
+        last = max(probe["pretrained"])
+        for layer in sorted(probe["pretrained"]):
+            for name, label in (("pretrained", f"{algo} pretrained"), ("scratch", "random init")):
+                r = probe[name][layer]
+                metric = f"CER (WER {r['wer']:.3f}), layer {layer}" + (" (last)" if layer == last else "")
+                table.append((f"{label}, frozen, linear CTC probe", metric, f"{r['cer']:.4f}"))
+        info["CTC probe"] = (
+            f"one linear layer on standardised frozen frame features, {args.ctc_probe_steps} Adam steps of "
+            "8 utterances, lr 2e-3 cosine, greedy decoding"
+        )
+        info["margin (probe CER at the last layer, random - pretrained)"] = (
+            f"{probe['scratch'][last]['cer'] - probe['pretrained'][last]['cer']:+.4f}"
+        )
+    table.append(("empty transcript (every reference character an error)", "CER (held-out)", "1.0000"))
+    info |= common.footer(args, t_all)
     common.write_results(
         out, f"LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, {algo})", table, info, curves
     )
