@@ -264,6 +264,43 @@ def test_audio_ctc_end_to_end_cnn_frozen(tmp_path: Path) -> None:
     assert meta["letters"] == ["<blank>", "|", "a", "b"]
 
 
+def test_ctc_batch_norm_head_uses_valid_frames_only(tmp_path: Path) -> None:
+    root = tmp_path / "speech"
+    root.mkdir()
+    rows = ["path\ttranscript"]
+    for i, (freq, secs, text) in enumerate([(300.0, 0.3, "ab"), (1500.0, 0.5, "ba"), (700.0, 0.4, "a b")]):
+        sf.write(root / f"u{i}.wav", tone(freq, secs, seed=i), 16_000)
+        rows.append(f"u{i}.wav\t{text}")
+    (root / "train.tsv").write_text("\n".join(rows) + "\n")
+    ft = finetune_preset("audio_ctc", **FAST, lr=1e-3, mask_length=3, mask_channel_length=4, head_norm="batch")
+    finetune(tiny_audio_config(1), ft, root / "train.tsv", root / "train.tsv", tmp_path / "ft", quiet=True)
+    model, _, meta = load_finetuned(tmp_path / "ft")
+    norm, letters = model.head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and letters.out_features == len(meta["letters"])
+    assert norm.running_var is not None and not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+    short, long = torch.from_numpy(tone(300.0, 0.3)), torch.from_numpy(tone(1500.0, 0.5))
+    batch = torch.zeros(2, len(long))
+    batch[0, : len(short)], batch[1] = short, long
+    pad = torch.zeros(2, len(long), dtype=torch.bool)
+    pad[0, len(short) :] = True
+    both, frame_pad = model(batch, pad)
+    alone, _ = model(short[None])
+    n = alone.shape[1]
+    assert frame_pad is not None and int((~frame_pad[0]).sum()) == n
+    assert torch.allclose(both[0, :n], alone[0], atol=1e-4)  # padding does not change the short one
+    # in training, the batch statistics come from the valid frames only: zeroing the padded
+    # samples or filling them with noise gives the same outputs on the valid frames
+    model.train()
+    model.mask_prob = model.mask_channel_prob = 0.0
+    noisy = batch.clone()
+    noisy[0, len(short) :] = torch.randn(len(long) - len(short))
+    torch.manual_seed(0)  # the same layerdrop draws for both
+    a, _ = model(batch, pad)
+    torch.manual_seed(0)
+    b, _ = model(noisy, pad)
+    assert torch.allclose(a[0, :n], b[0, :n], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
+
+
 def test_fine_tuning_masks_are_on_in_training_only() -> None:
     cfg = tiny_audio_config(2)
     ft = finetune_preset("audio_ctc", mask_length=2, mask_channel_length=4, mask_prob=0.5)

@@ -14,7 +14,8 @@ Tasks (`FinetuneConfig.task`):
 - `audio_ctc`: a Linear per frame over letters (`|` between words, blank = 0), CTC loss with
   the CNN frozen and time/channel masking kept on while training (v1 replaces masked frames
   by the learned mask vector, v2 by N(0, 0.01) noise); greedy decoding; metrics: CER (used to
-  pick the best epoch) and WER.
+  pick the best epoch) and WER. (`head_norm="batch"`: the valid frames pass a BatchNorm
+  without affine before the letter layer.)
 - `text_cls`: first token -> Linear(D, D) -> tanh -> Linear(D, classes) (RoBERTa head,
   dropout 0); metric: accuracy.
 - `text_reg`: the same head with one output and a mean-squared-error loss (STS-style);

@@ -61,7 +61,8 @@ class FinetuneConfig:
     """Classification heads on pooled features (image_cls, audio_cls): LayerNorm, or "batch":
     BatchNorm without affine (each feature standardised over the batch, as in MAE's linear
     probe), which lets the head use small differences between clips whose pooled features
-    share a large common part."""
+    share a large common part. CTC (audio_ctc): "layer" = the letter layer alone (fairseq),
+    "batch" = the frames standardised the same way first."""
     freeze_cnn: bool = True
     """Audio: keep the CNN feature extractor frozen (feature_grad_mult 0)."""
     freeze_encoder_steps: int = 0

@@ -36,9 +36,11 @@ class FinetuneModel(nn.Module):
                     trunc_normal_(m.weight)
                     nn.init.zeros_(m.bias)
         elif task == "audio_ctc":
-            self.head = nn.Linear(dim, num_outputs)
-            trunc_normal_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            letters = nn.Linear(dim, num_outputs)
+            trunc_normal_(letters.weight)
+            nn.init.zeros_(letters.bias)
+            # "batch": each frame's features standardised (BatchNorm over the valid frames) first
+            self.head = letters if head_norm == "layer" else nn.Sequential(nn.BatchNorm1d(dim, affine=False), letters)
         else:
             norm = nn.LayerNorm(dim, eps=1e-6) if head_norm == "layer" else nn.BatchNorm1d(dim, affine=False)
             self.head = nn.Sequential(norm, nn.Linear(dim, num_outputs))
@@ -92,6 +94,23 @@ class FinetuneModel(nn.Module):
         out = self.encoder(enc_in.x, enc_in.padding_mask, enc_in.positions)
         return out.x, enc_in.padding_mask
 
+    def _letters(self, x: Tensor, pad: Tensor | None) -> Tensor:
+        """CTC head: (B, T, D) frames -> (B, T, letters); a BatchNorm head normalises the valid
+        frames only (padded ones are zero before the letter layer)."""
+        if not isinstance(self.head, nn.Sequential):
+            return self.head(x)  # type: ignore[no-any-return]
+        norm, letters = self.head
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D).float()
+        if pad is None:
+            normed = norm(flat)
+        else:
+            keep = ~pad.reshape(-1)
+            normed = flat.new_zeros(flat.shape)
+            normed[keep] = norm(flat[keep])
+        y: Tensor = letters(normed.to(x.dtype)).reshape(B, T, -1)
+        return y
+
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Task outputs: (B, classes) logits, (B,) regression values, or (B, T, letters) CTC
         log-probabilities with the (B, T) frame padding."""
@@ -102,7 +121,7 @@ class FinetuneModel(nn.Module):
             return (y[:, 0] if self.task == "text_reg" else y), None
         x, pad = x[:, P:], None if pad is None else pad[:, P:]
         if self.task == "audio_ctc":
-            return self.head(x).float().log_softmax(-1), pad
+            return self._letters(x, pad).float().log_softmax(-1), pad
         if pad is None:
             pooled = x.mean(1)
         else:
