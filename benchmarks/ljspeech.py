@@ -10,6 +10,7 @@ entirely (not pretrained on either); metric: CER (and WER) with greedy decoding.
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -28,6 +29,29 @@ HELD_OUT = 20
 def letters_only(text: str) -> str:
     """Lower case, letters and apostrophes, single spaces: what the CTC head spells."""
     return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
+
+
+def chance_transcripts(train_texts: list[str], references: list[str]) -> dict[str, tuple[float, float]]:
+    """(WER, CER) of transcripts that know nothing of the audio, only each reference's length:
+    what a model scores before it has learned to spell. Empty output scores CER 1; guesses of
+    the right length score lower, so a CER below 1 alone does not show learning."""
+    from collections import Counter
+
+    from data2vec.finetune import error_rates
+
+    word = Counter(w for t in train_texts for w in t.split()).most_common(1)[0][0]
+    chars = Counter("".join(train_texts))
+    rng = random.Random(0)
+    letters, weights = list(chars), list(chars.values())
+    return {
+        f"'{word}' once per reference word": error_rates(
+            [" ".join([word] * len(r.split())) for r in references], references
+        ),
+        "random letters (training frequencies), reference length": error_rates(
+            ["".join(rng.choices(letters, weights, k=len(r))) for r in references], references
+        ),
+        "empty transcript": error_rates(["" for _ in references], references),
+    }
 
 
 def main() -> None:
@@ -134,7 +158,8 @@ def main() -> None:
         info["margin (probe CER at the last layer, random - pretrained)"] = (
             f"{probe['scratch'][last]['cer'] - probe['pretrained'][last]['cer']:+.4f}"
         )
-    table.append(("empty transcript (every reference character an error)", "CER (held-out)", "1.0000"))
+    for name, (w, c) in chance_transcripts([t for _, t in train_utts], [t for _, t in test_utts]).items():
+        table.append((f"chance: {name}", f"CER (WER {w:.3f})", f"{c:.4f}"))
     info |= common.footer(args, t_all)
     common.write_results(
         out, f"LJ Speech subset, CTC on letters, last 20 utterances held out (audio-tiny, {algo})", table, info, curves
