@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data2vec.config import RunConfig, apply_overrides
-from data2vec.extract import Item, extract_items, load_pretrained_state, num_layers
+from data2vec.extract import Item, Pretrained, build_model, extract_items, load_pretrained_state, num_layers
 from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
 from data2vec.probe import linear_probe
@@ -146,10 +146,11 @@ def reuse_pretrained(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """A finished pretraining run (`--pretrained RUN_DIR`) instead of a new one, and its info.
     A run that continued another (`data2vec pretrain --init RUN`, named in its init.json) counts
     the earlier run's steps and time too, back to the first run of the chain."""
-    steps, seconds, chain = 0, 0.0, []
+    steps, seconds, chain, last = 0, 0.0, [], None
     run: Path | None = run_dir
     while run is not None:
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        last = last or rows[-1]
         steps += int(rows[-1]["step"])
         # config.json is written when the run starts, summary.json when it ends
         seconds += (run / "summary.json").stat().st_mtime - (run / "config.json").stat().st_mtime
@@ -157,7 +158,7 @@ def reuse_pretrained(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         init = run / "init.json"
         parent = Path(json.loads(init.read_text())["init"]) if init.is_file() else None
         run = parent if parent is not None and (parent / "metrics.jsonl").is_file() else None
-    last = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()][-1]
+    assert last is not None
     info = {
         "steps": steps,
         "seconds": seconds,
@@ -264,6 +265,24 @@ def seeds_note(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def arm_model(pre: Pretrained, arm: str) -> Data2Vec:
+    """The frozen model of a probe arm (eval mode): "pretrained" = `pre`'s weights, "scratch" =
+    the same architecture from the run's seeded random init."""
+    if arm == "pretrained":
+        return build_model(pre)
+    torch.manual_seed(pre.config.train.seed)
+    return Data2Vec.from_config(pre.config).eval()
+
+
+def audio_items(data: LabelledSet) -> list[Item]:
+    """A labelled audio set's waveforms as lazily loaded extraction inputs."""
+
+    def loader(i: int) -> Callable[[], torch.Tensor]:
+        return lambda: torch.from_numpy(data.load(i))
+
+    return [Item(f"{data.name} {i}", len(data.load(i)), loader(i)) for i in range(len(data))]
+
+
 def probe_compare(
     run_dir: Path,
     make_items: Callable[[LabelledSet], list[Item]],
@@ -274,11 +293,7 @@ def probe_compare(
     pre = load_pretrained_state(run_dir)
     out: dict[str, float] = {}
     for name in ("pretrained", "scratch"):
-        torch.manual_seed(pre.config.train.seed)
-        model = Data2Vec.from_config(pre.config)
-        if name == "pretrained":
-            model.load_state_dict(pre.student, strict=False)
-        model.eval()
+        model = arm_model(pre, name)
         tr = extract_items(model, make_items(train_set), batch_size=64)
         te = extract_items(model, make_items(test_set), batch_size=64)
         layer = max(tr)
@@ -304,22 +319,13 @@ def ctc_probe_compare(
     targets = [torch.tensor(encode_letters(str(t), vocab), dtype=torch.long) for t in train_set.targets]
     refs = [str(t) for t in test_set.targets]
 
-    def items(data: LabelledSet) -> list[Item]:
-        return [
-            Item(f"{data.name} {i}", len(data.load(i)), lambda i=i: torch.from_numpy(data.load(i)))
-            for i in range(len(data))
-        ]
-
     pre = load_pretrained_state(run_dir)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for name in ("pretrained", "scratch"):
-        torch.manual_seed(pre.config.train.seed)
-        model = Data2Vec.from_config(pre.config)
-        if name == "pretrained":
-            model.load_state_dict(pre.student, strict=False)
+        model = arm_model(pre, name)
         every = list(range(num_layers(model) + 1))
-        tr = extract_items(model, items(train_set), every, pool="none", batch_size=8)
-        te = extract_items(model, items(test_set), every, pool="none", batch_size=8)
+        tr = extract_items(model, audio_items(train_set), every, pool="none", batch_size=8)
+        te = extract_items(model, audio_items(test_set), every, pool="none", batch_size=8)
         out[name] = {}
         for layer in sorted(tr):
             wer, cer = _ctc_probe(tr[layer], targets, te[layer], refs, vocab, steps, batch_size, lr)
@@ -366,7 +372,7 @@ def _ctc_probe(
             zero_infinity=True,
         )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         opt.step()
     with torch.no_grad():
         hyps = [greedy_decode(head(torch.from_numpy((x - mean) / std).float())[None], None, vocab)[0] for x in test_x]

@@ -15,14 +15,12 @@ from pathlib import Path
 import common
 import numpy as np
 import soundfile as sf
-import torch
 from scipy.signal import stft
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.audio import load_audio, normalize_waveform
-from data2vec.extract import Item
 from data2vec.finetune import LabelledSet, finetune_preset
 from data2vec.presets import preset
 
@@ -103,10 +101,7 @@ def main() -> None:
         run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
     )
 
-    def items(data: LabelledSet) -> list[Item]:
-        return [Item(str(i), len(data.load(i)), (lambda i=i: torch.from_numpy(data.load(i)))) for i in range(len(data))]
-
-    probe = common.probe_compare(run_dir, items, train_set, test_set)
+    probe = common.probe_compare(run_dir, common.audio_items, train_set, test_set)
 
     sc = StandardScaler().fit(np.stack([spectrogram(f) for f in train_files]))
     x_tr = sc.transform(np.stack([spectrogram(f) for f in train_files]))
