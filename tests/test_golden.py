@@ -1,0 +1,50 @@
+"""The golden runs (tests/golden/cases.py): every pretraining path reproduces, bit for bit on CPU
+in fp32, what the code recorded before the training engine was restructured; and a run
+directory written by that code resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data2vec.train import train
+from tests.golden.cases import CASES, OLD_RUN, RECORDED, outcome
+
+
+def assert_same(got: dict, name: str) -> None:
+    want = RECORDED / name
+    rows = [json.loads(ln) for ln in (want / "metrics.jsonl").read_text().splitlines()]
+    assert len(got["metrics"]) == len(rows)
+    for g, w in zip(got["metrics"], rows, strict=True):
+        assert g == w, f"step {w['step']}"
+    assert got["summary"] == json.loads((want / "summary.json").read_text())
+    assert got["files"] == json.loads((want / "files.json").read_text())
+    weights = load_file(str(want / "final.safetensors"))
+    assert sorted(got["weights"]) == sorted(weights)
+    for k, v in weights.items():
+        assert torch.equal(got["weights"][k], v), k
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_run(tmp_path: Path, name: str) -> None:
+    CASES[name](tmp_path)
+    assert_same(outcome(tmp_path / "run"), name)
+
+
+def test_old_run_directory_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    result = train(None, run, resume=True, progress=False, quiet=True)  # type: ignore[arg-type]
+    assert result.step == 6
+    got = outcome(run)
+    assert got["summary"] == json.loads((RECORDED / "stop_resume" / "summary.json").read_text())
+    weights = load_file(str(RECORDED / "stop_resume" / "final.safetensors"))
+    for k, v in weights.items():
+        assert torch.equal(got["weights"][k], v), k
+    rows = [json.loads(ln) for ln in (RECORDED / "stop_resume" / "metrics.jsonl").read_text().splitlines()]
+    assert got["metrics"] == rows
