@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.golden.cases import CASES, OLD_RUN, RECORDED, outcome
 
 from data2vec.train import train
-from tests.golden.cases import CASES, OLD_RUN, RECORDED, outcome
 
 
 def assert_same(got: dict, name: str) -> None:

@@ -21,11 +21,11 @@ import numpy as np
 import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
+from tests.helpers import tiny_audio_config, tiny_text_config
 
 import data2vec.model as model_module
 from data2vec.config import EncoderConfig, RunConfig, apply_overrides
 from data2vec.presets import preset
-from tests.helpers import tiny_audio_config, tiny_text_config
 
 HERE = Path(__file__).parent
 RECORDED = HERE / "recorded"
@@ -104,7 +104,13 @@ def joint(work: Path, step: str) -> Any:
     members = {
         "image": apply_overrides(
             preset("digits-tiny", 2),
-            [*small, "data.path=builtin:digits:train", "data.batch_size=4", "data.num_workers=0", "masking.num_masks=2"],
+            [
+                *small,
+                "data.path=builtin:digits:train",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "masking.num_masks=2",
+            ],
         ),
         "audio": apply_overrides(
             preset("audio-tiny", 2),
