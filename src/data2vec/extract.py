@@ -373,7 +373,7 @@ def _then(read: Callable[[], Any], prepare: Callable[[Any], Tensor]) -> Tensor:
 
 
 def _image_items(cfg: RunConfig, path: Path) -> list[Item]:
-    from data2vec.data.images import IMAGE_EXTENSIONS, _decode, eval_transform, open_image_source
+    from data2vec.data.images import IMAGE_EXTENSIONS, decode_image, eval_transform, open_image_source
 
     icfg, mean, std = cfg.model.image, cfg.data.mean, cfg.data.std
 
@@ -381,7 +381,7 @@ def _image_items(cfg: RunConfig, path: Path) -> list[Item]:
         return eval_transform(img, icfg.image_size, icfg.channels, mean, std)
 
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [Item(str(path), 1, partial(_then, partial(_decode, str(path), str(path)), prepare))]
+        return [Item(str(path), 1, partial(_then, partial(decode_image, str(path), str(path)), prepare))]
     source = open_image_source(str(path), on_bad_input="fail")
     return [Item(source.name(i), 1, partial(_then, partial(source.load, i), prepare)) for i in range(len(source))]
 
@@ -390,7 +390,7 @@ def _audio_items(cfg: RunConfig, path: Path) -> list[Item]:
     import soundfile as sf
 
     from data2vec.data.audio import AUDIO_EXTENSIONS, load_audio, normalize_waveform, read_manifest, resampled_length
-    from data2vec.data.images import BadInputError
+    from data2vec.data.errors import BadInputError
     from data2vec.modalities.audio import conv_output_length
 
     acfg = cfg.data.audio

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import AudioDataConfig, RunConfig
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 from data2vec.data.pipeline import PretrainBatch
 from data2vec.data.sampling import batch_generator, sample_seed

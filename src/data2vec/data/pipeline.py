@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import RunConfig
-from data2vec.data.images import BadInputError, ImageSource, PretrainTransform, open_image_source
+from data2vec.data.errors import BadInputError
+from data2vec.data.images import ImageSource, PretrainTransform, open_image_source
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.masking import draw_masks
 

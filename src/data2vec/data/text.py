@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import MaskingConfig, RunConfig, TextConfig, TextDataConfig
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.pipeline import PretrainBatch
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.modalities.text import draw_text_masks
