@@ -44,8 +44,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import MaskingConfig, RunConfig, TextConfig, TextDataConfig
+from data2vec.data.batch import PretrainBatch
 from data2vec.data.errors import BadInputError
-from data2vec.data.pipeline import PretrainBatch
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.modalities.text import draw_text_masks
 from data2vec.tokenizer import TextTokenizer
