@@ -230,6 +230,14 @@ def iter_manifest(path: Path) -> Iterator[tuple[Path, int | None]]:
         yield (rel if rel.is_absolute() else root / rel, n)
 
 
+def find_audio_files(folder: Path) -> list[Path]:
+    """Every audio file under `folder`, recursively, in path order (evaluation inputs and labelled sets)."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
+    return files
+
+
 def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> AudioSource:
     """List the clips of a folder or manifest with their lengths, dropping short ones."""
     p = Path(path)
@@ -253,7 +261,7 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
         listed = n is not None
         if n is None:
             try:
-                n = _header_length(f, cfg.sample_rate)
+                n = header_length(f, cfg.sample_rate)
             except BadInputError as e:
                 if on_bad_input == "fail":
                     raise
@@ -273,7 +281,9 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
     return source
 
 
-def _header_length(path: Path, sample_rate: int) -> int:
+def header_length(path: Path, sample_rate: int) -> int:
+    """A file's length at `sample_rate`, from its header; BadInputError for a file that is missing,
+    empty or not audio."""
     where = str(path)
     if not path.is_file():
         raise BadInputError(where, "no such file")

@@ -180,6 +180,12 @@ def read_documents(path: str | Path, dcfg: TextDataConfig, on_record_error: Reco
         raise BadInputError(str(p), "empty: no documents")
 
 
+def wrap_document(ids: Iterable[int], bos_id: int, eos_id: int, max_len: int) -> list[int]:
+    """One document's token ids as the model reads it alone: <s> + ids + </s>, the ids cut so
+    that the whole fits in `max_len` positions (fine-tuning, probes, feature extraction)."""
+    return [bos_id, *list(ids)[: max_len - 2], eos_id]
+
+
 class CorpusStats(NamedTuple):
     tokens: int
     documents: int
