@@ -29,7 +29,7 @@ evaluated after every epoch; the best epoch by the eval metric is kept in `OUT/b
 the classes or letters and the metric), written atomically. `OUT/metrics.jsonl` holds a line
 per logged step and one per epoch (`eval_<metric>`), `OUT/metrics.png` plots them.
 
-Labelled data (see `read_labelled`):
+Labelled data (see `read_labelled`, which reads it with `data2vec.data.labelled`):
 
 - images: a folder with one subfolder per class, or tar shards with `<key>.cls` labels;
 - audio: a folder with one subfolder per class, or a TSV manifest with a header line, a path
