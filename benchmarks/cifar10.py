@@ -13,16 +13,16 @@ with labels; everything is tested on the 10,000 test images (or --test-limit of 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import common
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from data2vec.config import apply_overrides
-from data2vec.data.images import ImageFolderSource, TarShardSource, eval_transform
-from data2vec.extract import Item
+from data2vec.data.eval_inputs import labelled_items
+from data2vec.data.images import ImageFolderSource, TarShardSource
 from data2vec.finetune import LabelledSet, finetune_preset
 from data2vec.presets import preset
 
@@ -69,15 +69,7 @@ def main() -> None:
         run_dir, ft, train_set, test_set, work, args.seeds, args.ft_overrides, jobs=args.jobs
     )
 
-    icfg, dcfg = cfg.model.image, cfg.data
-
-    def items(data: LabelledSet) -> list[Item]:
-        def load(i: int) -> torch.Tensor:
-            return eval_transform(data.load(i), icfg.image_size, icfg.channels, dcfg.mean, dcfg.std)
-
-        return [Item(str(i), 1, (lambda i=i: load(i))) for i in range(len(data))]
-
-    probe = common.probe_compare(run_dir, items, train_set, test_set)
+    probe = common.probe_compare(run_dir, partial(labelled_items, cfg), train_set, test_set)
 
     def pixels(data: LabelledSet) -> np.ndarray:
         rgb = [np.asarray(data.load(i).convert("RGB"), np.float32).reshape(-1) / 255 for i in range(len(data))]

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from data2vec.config import RunConfig, apply_overrides
-from data2vec.extract import Item, Pretrained, build_model, extract_items, load_pretrained_state, num_layers
+from data2vec.data.batch import EvalItem
+from data2vec.extract import Pretrained, build_model, extract_items, load_pretrained_state, num_layers
 from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
 from data2vec.probe import linear_probe
@@ -274,18 +275,18 @@ def arm_model(pre: Pretrained, arm: str) -> Data2Vec:
     return Data2Vec.from_config(pre.config).eval()
 
 
-def audio_items(data: LabelledSet) -> list[Item]:
+def audio_items(data: LabelledSet) -> list[EvalItem]:
     """A labelled audio set's waveforms as lazily loaded extraction inputs."""
 
     def loader(i: int) -> Callable[[], torch.Tensor]:
         return lambda: torch.from_numpy(data.load(i))
 
-    return [Item(f"{data.name} {i}", len(data.load(i)), loader(i)) for i in range(len(data))]
+    return [EvalItem(f"{data.name} {i}", len(data.load(i)), loader(i)) for i in range(len(data))]
 
 
 def probe_compare(
     run_dir: Path,
-    make_items: Callable[[LabelledSet], list[Item]],
+    make_items: Callable[[LabelledSet], list[EvalItem]],
     train_set: LabelledSet,
     test_set: LabelledSet,
 ) -> dict[str, float]:

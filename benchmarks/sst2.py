@@ -10,17 +10,18 @@ a TF-IDF logistic regression on the same 2,000 sentences.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import common
 import numpy as np
-import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from data2vec.config import apply_overrides
-from data2vec.extract import Item, load_pretrained_state
-from data2vec.finetune import LabelledSet, finetune_preset, read_labelled
+from data2vec.data.eval_inputs import labelled_items
+from data2vec.extract import load_pretrained_state
+from data2vec.finetune import finetune_preset, read_labelled
 from data2vec.presets import preset
 
 
@@ -59,16 +60,7 @@ def main() -> None:
         run_dir, ft, train_set, dev_set, work, args.seeds, args.ft_overrides, test_set, jobs=args.jobs
     )
 
-    tcfg = pre.config.model.text
-
-    def items(data: LabelledSet) -> list[Item]:
-        def seq(i: int) -> torch.Tensor:
-            ids = list(data.load(i))[: tcfg.max_positions - 2]
-            return torch.tensor([tcfg.bos_id, *ids, tcfg.eos_id], dtype=torch.long)
-
-        return [Item(str(i), len(data.load(i)) + 2, (lambda i=i: seq(i))) for i in range(len(data))]
-
-    probe = common.probe_compare(run_dir, items, train_set, dev_set)
+    probe = common.probe_compare(run_dir, partial(labelled_items, pre.config), train_set, dev_set)
 
     def texts(path: Path, n: int | None = None) -> tuple[list[str], list[int]]:
         rows_ = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines()[1:]][:n]

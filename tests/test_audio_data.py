@@ -20,7 +20,7 @@ from data2vec.data.audio import (
     read_manifest,
     scan_audio,
 )
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.pipeline import PIPELINES
 from data2vec.modalities.audio import conv_output_length
 from data2vec.presets import preset

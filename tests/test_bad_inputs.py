@@ -14,7 +14,8 @@ from PIL import Image
 from tests.test_train import TINY
 
 from data2vec.cli import main
-from data2vec.data.images import BadInputError, ImageFolderSource, PretrainTransform, TarShardSource
+from data2vec.data.errors import BadInputError
+from data2vec.data.images import ImageFolderSource, PretrainTransform, TarShardSource
 
 TINY_NO_DATA = [s for s in TINY if not s.startswith("data.path=")]
 

@@ -25,7 +25,7 @@ from tests.test_text_cli import SHRINK
 from data2vec.cli import _parser, main, resolve_pretrain_config
 from data2vec.config import AudioDataConfig, RunConfig, TextDataConfig, apply_overrides
 from data2vec.data.audio import load_audio, scan_audio
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.pipeline import PIPELINES
 from data2vec.data.text import PIECE_CHARS, read_documents, split_long, tokenize_corpus
 from data2vec.presets import preset

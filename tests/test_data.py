@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from tests.test_train import tiny_run_config
 
+from data2vec.data.errors import BadInputError
 from data2vec.data.images import (
-    BadInputError,
     ImageFolderSource,
     PretrainTransform,
     TarShardSource,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data2vec.config import ConfigError, MaskingConfig, RunConfig, TextConfig, from_dict
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.text import PackedBlocks, TextPipeline, read_documents, tokenize_corpus
 from data2vec.modalities.text import (
     TokenEmbedding,

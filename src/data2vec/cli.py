@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data2vec.checkpoint import CheckpointError
 from data2vec.config import MODALITIES, ConfigError, RunConfig, apply_overrides
-from data2vec.data.images import BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.demo import DEMOS
 from data2vec.presets import PRESETS, preset
 from data2vec.train import TrainingStopped

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from data2vec.config import RunConfig, apply_overrides
+from data2vec.data.text import wrap_document
 from data2vec.demo import DemoResult
 from data2vec.model import Data2Vec
 from data2vec.presets_text import text_tiny_v1, text_tiny_v2
@@ -207,7 +208,7 @@ def _batches(
     tokenizer: TextTokenizer, texts: list[str], max_len: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Padded id batches: [<s>] + tokens (cut to fit) + [</s>], shortest first for less padding."""
-    encoded = [[tokenizer.bos_id, *ids[: max_len - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    encoded = [wrap_document(ids, tokenizer.bos_id, tokenizer.eos_id, max_len) for ids in tokenizer.encode_batch(texts)]
     order = np.argsort([len(e) for e in encoded], kind="stable")
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]

@@ -26,19 +26,20 @@ maximum length).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from data2vec.config import ConfigError, RunConfig
+from data2vec.config import RunConfig
+from data2vec.data.batch import EvalItem
+from data2vec.data.eval_inputs import read_inputs as read_inputs  # re-export: extract.read_inputs
 from data2vec.model import Data2Vec
 
 Pool = Literal["mean", "none"]
@@ -234,12 +235,8 @@ def layer_features(
 # ============================================================================ batching
 
 
-class Item(NamedTuple):
-    """One input: its length (samples, tokens; 1 for images) and how to load it."""
-
-    name: str
-    length: int
-    load: Callable[[], Tensor]
+Item = EvalItem
+"""The old name of `data2vec.data.batch.EvalItem` (kept for callers of `extract.Item`)."""
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
@@ -296,7 +293,7 @@ def _check_sample(model: Data2Vec, x: Tensor, name: str) -> None:
 
 def extract_items(
     model: Data2Vec,
-    items: Sequence[Item],
+    items: Sequence[EvalItem],
     layers: Sequence[int] | None = None,
     pool: Pool = "mean",
     batch_size: int = 16,
@@ -304,7 +301,7 @@ def extract_items(
     progress: bool = False,
     precision: Literal["fp32", "bf16"] = "fp32",
 ) -> Features:
-    """`extract` for lazily loaded inputs (see `Item`)."""
+    """`extract` for lazily loaded inputs (see `EvalItem`)."""
     if pool not in ("mean", "none"):
         raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
     wanted = resolve_layers(model, layers)
@@ -357,7 +354,9 @@ def extract(
     Returns {layer: (N, D) array} for pool='mean' (average over real tokens), or {layer: list of
     N (T_i, D) arrays} for pool='none'; padding is removed and the order is the input order.
     `max_tokens` caps padded elements per batch (None: the modality's default, 0: no cap)."""
-    items = [Item(f"input {i}", 1 if x.ndim == 3 else int(x.shape[0]), partial(_same, x)) for i, x in enumerate(inputs)]
+    items = [
+        EvalItem(f"input {i}", 1 if x.ndim == 3 else int(x.shape[0]), partial(_same, x)) for i, x in enumerate(inputs)
+    ]
     return extract_items(model, items, layers, pool, batch_size, max_tokens, progress, precision)
 
 
@@ -366,107 +365,6 @@ def extract(
 
 def _same(x: Tensor) -> Tensor:
     return x
-
-
-def _then(read: Callable[[], Any], prepare: Callable[[Any], Tensor]) -> Tensor:
-    return prepare(read())
-
-
-def _image_items(cfg: RunConfig, path: Path) -> list[Item]:
-    from data2vec.data.images import IMAGE_EXTENSIONS, _decode, eval_transform, open_image_source
-
-    icfg, mean, std = cfg.model.image, cfg.data.mean, cfg.data.std
-
-    def prepare(img: Any) -> Tensor:
-        return eval_transform(img, icfg.image_size, icfg.channels, mean, std)
-
-    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [Item(str(path), 1, partial(_then, partial(_decode, str(path), str(path)), prepare))]
-    source = open_image_source(str(path), on_bad_input="fail")
-    return [Item(source.name(i), 1, partial(_then, partial(source.load, i), prepare)) for i in range(len(source))]
-
-
-def _audio_items(cfg: RunConfig, path: Path) -> list[Item]:
-    import soundfile as sf
-
-    from data2vec.data.audio import AUDIO_EXTENSIONS, load_audio, normalize_waveform, read_manifest, resampled_length
-    from data2vec.data.images import BadInputError
-    from data2vec.modalities.audio import conv_output_length
-
-    acfg = cfg.data.audio
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
-        if not files:
-            raise ValueError(f"{path}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
-    elif path.suffix.lower() in AUDIO_EXTENSIONS:
-        files = [path]
-    else:
-        files = [f for f, _ in read_manifest(path)]
-        if not files:
-            raise ValueError(f"{path}: the manifest lists no audio files")
-
-    def length(f: Path) -> int:
-        if not f.is_file():
-            raise BadInputError(str(f), "no such file")
-        try:
-            info = sf.info(str(f))
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
-            raise BadInputError(str(f), f"not a readable audio file ({e})") from None
-        return resampled_length(info.frames, info.samplerate, acfg.sample_rate)
-
-    def load(f: Path) -> Tensor:
-        wav = load_audio(f, acfg.sample_rate)
-        if conv_output_length(len(wav), cfg.model.audio.conv_layers) < 1:
-            raise BadInputError(str(f), f"too short: {len(wav)} samples give no frame")
-        if acfg.normalize:
-            wav = normalize_waveform(wav)
-        return torch.from_numpy(wav.copy())
-
-    return [Item(str(f), length(f), partial(load, f)) for f in files]
-
-
-def _text_items(cfg: RunConfig, path: Path, tokenizer: str | Path | None) -> tuple[list[Item], int]:
-    from data2vec.data.text import list_text_files, read_documents
-    from data2vec.tokenizer import TextTokenizer
-
-    tok_path = tokenizer or cfg.data.text.tokenizer
-    if not tok_path:
-        raise ConfigError("data.text.tokenizer: the model has no tokenizer on record; pass one (--tokenizer)")
-    tok = TextTokenizer.load(tok_path)
-    tcfg = cfg.model.text
-    if tok.vocab_size > tcfg.vocab_size:
-        raise ValueError(f"{tok_path}: {tok.vocab_size} token types, more than the model's {tcfg.vocab_size}")
-    limit = tcfg.max_positions - 2
-    items: list[Item] = []
-    truncated = 0
-    for f in list_text_files(path):
-        docs = list(read_documents(f, cfg.data.text))
-        single = len(docs) == 1 and cfg.data.text.document == "file"
-        for k, ids in enumerate(tok.encode_batch(docs), start=1):
-            truncated += len(ids) > limit
-            seq = torch.tensor([tcfg.bos_id, *ids[:limit], tcfg.eos_id], dtype=torch.long)
-            items.append(Item(str(f) if single else f"{f}#{k}", len(seq), partial(_same, seq)))
-    return items, truncated
-
-
-def read_inputs(cfg: RunConfig, path: str | Path, tokenizer: str | Path | None = None) -> list[Item]:
-    """The inputs in a file or folder, for the model `cfg` describes (see the module doc); a
-    file that cannot be used raises `BadInputError` naming it (when it is read)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    modality = cfg.model.modality
-    if modality == "image":
-        return _image_items(cfg, p)
-    if modality == "audio":
-        return _audio_items(cfg, p)
-    items, truncated = _text_items(cfg, p, tokenizer)
-    if truncated:
-        warnings.warn(
-            f"{truncated} document(s) longer than the model's {cfg.model.text.max_positions} positions were cut",
-            stacklevel=2,
-        )
-    return items
 
 
 def extract_path(

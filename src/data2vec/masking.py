@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from data2vec.config import MaskingConfig
+
 
 def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=generator))
@@ -341,3 +343,35 @@ def draw_masks(
     if kind == "random":
         return random_mask(rows, length, mask_prob, generator=generator)
     raise ValueError(f"unknown masking kind {kind!r}")
+
+
+def masks_from_config(
+    masking: MaskingConfig,
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    version: int,
+    generator: torch.Generator,
+    valid_lengths: Tensor | None = None,
+) -> Tensor:
+    """The masks `masking` asks for, for a batch of `batch` samples on a (H, W) token grid
+    ((1, T) for sequences): the one place that reads a `MaskingConfig` into `draw_masks`.
+
+    data2vec 2.0 (`version=2`) draws `masking.num_masks` masks per sample, 1.0 one. Used by the
+    pretraining loaders (images, speech) and by `Data2Vec.draw_masks`. (Text masks depend on the
+    token ids as well; `modalities.text.draw_text_masks` draws them.)
+
+    Returns: (batch * M, H*W) bool, True = masked, as `draw_masks`.
+    """
+    return draw_masks(
+        masking.kind,
+        batch,
+        grid,
+        masking.mask_prob,
+        generator=generator,
+        num_masks=masking.num_masks if version == 2 else 1,
+        mask_length=masking.mask_length,
+        mask_prob_adjust=masking.mask_prob_adjust,
+        min_block_patches=masking.min_block_patches,
+        valid_lengths=valid_lengths,
+    )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from data2vec.config import LossConfig, MaskingConfig, ModelConfig, RunConfig, TargetConfig, TeacherConfig
-from data2vec.masking import draw_masks, mask_to_indices, restore_tokens
+from data2vec.masking import mask_to_indices, masks_from_config, restore_tokens
 from data2vec.modalities import Frontend, Tokens, build_frontend
 from data2vec.nn.decoder import ConvDecoder
 from data2vec.nn.transformer import Block, Encoder, EncoderOutput, compile_blocks
@@ -174,17 +174,12 @@ class Data2Vec(nn.Module):
         """(B*M, T) masks from the masking config (what the data loader does in training).
         `grid` is the token layout: the front-end's patch grid by default, (1, T) for sequences;
         `valid_lengths` (B,) the unpadded token count of each sample (sequence maskers only)."""
-        m = self.masking
-        return draw_masks(
-            m.kind,
+        return masks_from_config(
+            self.masking,
             batch,
             grid or self.frontend.grid,
-            m.mask_prob,
+            version=self.cfg.version,
             generator=generator,
-            num_masks=m.num_masks if self.cfg.version == 2 else 1,
-            mask_length=m.mask_length,
-            mask_prob_adjust=m.mask_prob_adjust,
-            min_block_patches=m.min_block_patches,
             valid_lengths=valid_lengths,
         )
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +13,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from data2vec.config import RunConfig
+from data2vec.data.eval_inputs import labelled_items
+from data2vec.data.labelled import read_labelled
 from data2vec.model import Data2Vec
 
 
@@ -126,38 +126,14 @@ class OnlineProbe:
     linear-probe and kNN accuracies are returned as `probe_*` metrics and plotted to probe.png."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        from data2vec.finetune import finetune_preset, read_labelled
-
         self.cfg, self.run_dir = cfg, Path(run_dir)
         pc = cfg.probe
-        task = {"image": "image_cls", "audio": "audio_cls", "text": "text_cls"}[cfg.model.modality]
-        fcfg = finetune_preset(task)
-        train = read_labelled(pc.train_data, fcfg, cfg)
-        test = read_labelled(pc.eval_data, fcfg, cfg, train.classes or None)
-        self.train_items = self._items(train, pc.max_samples)
-        self.test_items = self._items(test, pc.max_samples)
+        train = read_labelled(pc.train_data, cfg)
+        test = read_labelled(pc.eval_data, cfg, classes=train.classes or None)
+        self.train_items = labelled_items(cfg, train, pc.max_samples, preload=True)
+        self.test_items = labelled_items(cfg, test, pc.max_samples, preload=True)
         self.train_y = np.asarray(train.targets[: pc.max_samples])
         self.test_y = np.asarray(test.targets[: pc.max_samples])
-
-    def _items(self, data: Any, limit: int) -> list[Any]:
-        from data2vec.data.images import eval_transform
-        from data2vec.extract import Item
-
-        cfg = self.cfg
-        modality = cfg.model.modality
-        items = []
-        for i in range(min(len(data), limit)):
-            raw = data.load(i)
-            if modality == "image":
-                icfg = cfg.model.image
-                x = eval_transform(raw, icfg.image_size, icfg.channels, cfg.data.mean, cfg.data.std)
-            elif modality == "audio":
-                x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
-            else:
-                t = cfg.model.text
-                x = torch.tensor([t.bos_id, *list(raw)[: t.max_positions - 2], t.eos_id], dtype=torch.long)
-            items.append(Item(f"{i}", 1 if modality == "image" else int(x.shape[0]), partial(_same, x)))
-        return items
 
     def __call__(self, model: Data2Vec, step: int) -> dict[str, float]:
         """The probe metrics at `step` ({} when this is not a probe step)."""
@@ -171,10 +147,6 @@ class OnlineProbe:
         te = extract_items(model, self.test_items, layers, batch_size=64)
         result = layer_probes(tr, self.train_y, te, self.test_y, average=pc.average_layers, knn_k=pc.knn_k)
         return {f"probe_{k}": v for k, v in result.items()}
-
-
-def _same(x: Tensor) -> Tensor:
-    return x
 
 
 _ONLINE: dict[str, tuple[RunConfig, OnlineProbe]] = {}

@@ -38,7 +38,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import Any, overload
 
 import numpy as np
 import soundfile as sf
@@ -48,11 +48,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import AudioDataConfig, RunConfig
-from data2vec.data.images import BadInputError
+from data2vec.data.batch import PretrainBatch, PretrainItem
+from data2vec.data.errors import BadInputError
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
-from data2vec.data.pipeline import PretrainBatch
 from data2vec.data.sampling import batch_generator, sample_seed
-from data2vec.masking import draw_masks
+from data2vec.masking import masks_from_config
 from data2vec.modalities.audio import conv_output_length, conv_output_lengths
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -230,6 +230,14 @@ def iter_manifest(path: Path) -> Iterator[tuple[Path, int | None]]:
         yield (rel if rel.is_absolute() else root / rel, n)
 
 
+def find_audio_files(folder: Path) -> list[Path]:
+    """Every audio file under `folder`, recursively, in path order (evaluation inputs and labelled sets)."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
+    return files
+
+
 def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> AudioSource:
     """List the clips of a folder or manifest with their lengths, dropping short ones."""
     p = Path(path)
@@ -253,7 +261,7 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
         listed = n is not None
         if n is None:
             try:
-                n = _header_length(f, cfg.sample_rate)
+                n = header_length(f, cfg.sample_rate)
             except BadInputError as e:
                 if on_bad_input == "fail":
                     raise
@@ -273,7 +281,9 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
     return source
 
 
-def _header_length(path: Path, sample_rate: int) -> int:
+def header_length(path: Path, sample_rate: int) -> int:
+    """A file's length at `sample_rate`, from its header; BadInputError for a file that is missing,
+    empty or not audio."""
     where = str(path)
     if not path.is_file():
         raise BadInputError(where, "no such file")
@@ -363,13 +373,7 @@ class AudioBatchSampler:
 # ---------------------------------------------------------------------- dataset and collation
 
 
-class AudioItem(NamedTuple):
-    x: Tensor | None
-    seed: int
-    error: str | None
-
-
-class AudioDataset(Dataset[AudioItem]):
+class AudioDataset(Dataset[PretrainItem]):
     """Loads clip i, normalises it and crops it at random (from the sample seed) to max_sample_size."""
 
     def __init__(self, source: AudioSource, cfg: AudioDataConfig) -> None:
@@ -378,7 +382,7 @@ class AudioDataset(Dataset[AudioItem]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> AudioItem:
+    def __getitem__(self, item: tuple[int, int]) -> PretrainItem:
         index, seed = item
         clip = self.source.clips[index]
         try:
@@ -391,26 +395,25 @@ class AudioDataset(Dataset[AudioItem]):
                     "fix the count or leave it out",
                 )
         except BadInputError as e:
-            return AudioItem(None, seed, str(e))
+            return PretrainItem(None, seed, str(e))
         if self.cfg.normalize:
             wav = normalize_waveform(wav)
         n, limit = len(wav), self.cfg.max_sample_size
         if n > limit:
             start = int(np.random.default_rng(seed).integers(0, n - limit + 1))
             wav = wav[start : start + limit]
-        return AudioItem(torch.from_numpy(wav.copy()), seed, None)
+        return PretrainItem(torch.from_numpy(wav.copy()), seed, None)
 
 
 class AudioCollate:
     """Crops a batch to its shortest clip (or pads it) and draws the masks for the final length."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.m = cfg.masking
-        self.num_masks = cfg.masking.num_masks if cfg.model.version == 2 else 1
+        self.masking, self.version = cfg.masking, cfg.model.version
         self.conv_layers = cfg.model.audio.conv_layers
         self.crop = cfg.data.audio.crop_to_shortest
 
-    def __call__(self, items: list[AudioItem]) -> PretrainBatch:
+    def __call__(self, items: list[PretrainItem]) -> PretrainBatch:
         good = [it.x for it in items if it.x is not None]
         skipped = [it.error for it in items if it.error is not None]
         if not good:
@@ -437,18 +440,8 @@ class AudioCollate:
             else:
                 padding_mask = None
         frames = conv_output_length(n, self.conv_layers)
-        m = self.m
-        mask = draw_masks(
-            m.kind,
-            len(good),
-            (1, frames),
-            m.mask_prob,
-            generator=g,
-            num_masks=self.num_masks,
-            mask_length=m.mask_length,
-            mask_prob_adjust=m.mask_prob_adjust,
-            min_block_patches=m.min_block_patches,
-            valid_lengths=valid,
+        mask = masks_from_config(
+            self.masking, len(good), (1, frames), version=self.version, generator=g, valid_lengths=valid
         )
         return PretrainBatch(x, mask, skipped, padding_mask)
 

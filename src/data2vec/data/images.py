@@ -29,18 +29,11 @@ import torch
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch import Tensor
 
+# re-export for train.py/joint.py until the engine refactor
+from data2vec.data.errors import BadInputError as BadInputError
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-class BadInputError(ValueError):
-    """A data file cannot be used; the message starts with the file's path."""
-
-    def __init__(self, path: str, reason: str = "") -> None:
-        super().__init__(f"{path}: {reason}" if reason else path)
-        self.path = path
-        self.reason = reason
 
 
 class ImageSource(ABC):
@@ -70,7 +63,8 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def _decode(data: bytes | str, where: str) -> Image.Image:
+def decode_image(data: bytes | str, where: str) -> Image.Image:
+    """An image file (its path, or its bytes) decoded; BadInputError names `where`."""
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         img.load()
@@ -110,7 +104,7 @@ class ImageFolderSource(ImageSource):
         return self.files[index]
 
     def load(self, index: int) -> Image.Image:
-        return _decode(self.files[index], self.files[index])
+        return decode_image(self.files[index], self.files[index])
 
     def label(self, index: int) -> int | None:
         return int(self._labels[index]) if self.classes else None
@@ -201,7 +195,7 @@ class TarShardSource(ImageSource):
         data = f.read(int(self.sizes[index]))  # type: ignore[attr-defined]
         if len(data) != int(self.sizes[index]):
             raise BadInputError(self.name(index), "truncated tar member")
-        return _decode(data, self.name(index))
+        return decode_image(data, self.name(index))
 
     def label(self, index: int) -> int | None:
         value = int(self.labels[index])

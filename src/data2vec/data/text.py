@@ -44,8 +44,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import MaskingConfig, RunConfig, TextConfig, TextDataConfig
-from data2vec.data.images import BadInputError
-from data2vec.data.pipeline import PretrainBatch
+from data2vec.data.batch import PretrainBatch
+from data2vec.data.errors import BadInputError
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.modalities.text import draw_text_masks
 from data2vec.tokenizer import TextTokenizer
@@ -178,6 +178,12 @@ def read_documents(path: str | Path, dcfg: TextDataConfig, on_record_error: Reco
                 yield line.strip()
     if count == 0:
         raise BadInputError(str(p), "empty: no documents")
+
+
+def wrap_document(ids: Iterable[int], bos_id: int, eos_id: int, max_len: int) -> list[int]:
+    """One document's token ids as the model reads it alone: <s> + ids + </s>, the ids cut so
+    that the whole fits in `max_len` positions (fine-tuning, probes, feature extraction)."""
+    return [bos_id, *list(ids)[: max_len - 2], eos_id]
 
 
 class CorpusStats(NamedTuple):

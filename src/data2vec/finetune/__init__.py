@@ -29,7 +29,7 @@ evaluated after every epoch; the best epoch by the eval metric is kept in `OUT/b
 the classes or letters and the metric), written atomically. `OUT/metrics.jsonl` holds a line
 per logged step and one per epoch (`eval_<metric>`), `OUT/metrics.png` plots them.
 
-Labelled data (see `read_labelled`):
+Labelled data (see `read_labelled`, which reads it with `data2vec.data.labelled`):
 
 - images: a folder with one subfolder per class, or tar shards with `<key>.cls` labels;
 - audio: a folder with one subfolder per class, or a TSV manifest with a header line, a path
@@ -40,6 +40,7 @@ Labelled data (see `read_labelled`):
   default) and a `label` column (an integer or a class name; a number for `text_reg`).
 """
 
+from data2vec.data.labelled import LabelledSet
 from data2vec.finetune.config import FINETUNE_PRESETS, METRIC, TASK_MODALITY, TASKS, FinetuneConfig, finetune_preset
 from data2vec.finetune.ctc import (
     BLANK,
@@ -50,7 +51,7 @@ from data2vec.finetune.ctc import (
     greedy_decode,
     letter_vocab,
 )
-from data2vec.finetune.data import LabelledSet, load_tokenizer, read_labelled
+from data2vec.finetune.data import load_tokenizer, read_labelled
 from data2vec.finetune.loop import (
     EvalResult,
     FinetuneResult,

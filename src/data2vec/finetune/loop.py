@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data2vec.config import ConfigError, RunConfig
+from data2vec.data.labelled import LabelledSet
 from data2vec.finetune.config import METRIC, FinetuneConfig
 from data2vec.finetune.ctc import encode_letters, error_rates, greedy_decode, letter_vocab
-from data2vec.finetune.data import Batcher, LabelledSet, index_batches, load_tokenizer, read_labelled
+from data2vec.finetune.data import Batcher, index_batches, load_tokenizer, read_labelled
 from data2vec.finetune.model import FinetuneModel, build_finetune_model, param_groups, save_finetuned
 from data2vec.schedules import cosine_lr
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from data2vec.checkpoint import replace_folder
 from data2vec.config import RunConfig
 from data2vec.finetune.config import FinetuneConfig
+from data2vec.masking import span_mask
 from data2vec.modalities.base import Tokens
 from data2vec.model import Data2Vec, no_weight_decay, trunc_normal_
 
@@ -59,8 +60,6 @@ class FinetuneModel(nn.Module):
 
     def _mask_frames(self, tokens: Tokens, generator: torch.Generator | None) -> tuple[Tokens, Tensor | None]:
         """Fine-tuning masks (speech, training only): time spans and channel spans."""
-        from data2vec.masking import draw_masks
-
         x, pad = tokens
         B, T, D = x.shape
         mask = None
@@ -68,7 +67,7 @@ class FinetuneModel(nn.Module):
         if self.mask_prob > 0:
             valid = torch.full((B,), T) if pad is None else (~pad).sum(1).cpu()
             length = max(1, min(self.mask_length, int(valid.min()) - 1))
-            mask = draw_masks("span", B, (1, T), self.mask_prob, generator=gen, mask_length=length, valid_lengths=valid)
+            mask = span_mask(B, T, self.mask_prob, generator=gen, mask_length=length, valid_lengths=valid)
             mask = mask.to(x.device)
             if pad is not None:
                 mask = mask & ~pad
@@ -78,7 +77,7 @@ class FinetuneModel(nn.Module):
                 mask = None
         if self.mask_channel_prob > 0:
             length = max(1, min(self.mask_channel_length, D - 1))
-            ch = draw_masks("span", B, (1, D), self.mask_channel_prob, generator=gen, mask_length=length)
+            ch = span_mask(B, D, self.mask_channel_prob, generator=gen, mask_length=length)
             x = x.masked_fill(ch.to(x.device)[:, None, :], 0.0)
         return Tokens(x, pad), mask
 

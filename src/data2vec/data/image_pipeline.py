@@ -1,0 +1,116 @@
+"""Image pretraining batches: augmented views of an image source, with block masks drawn per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from data2vec.config import RunConfig
+from data2vec.data.batch import PretrainBatch, PretrainItem
+from data2vec.data.errors import BadInputError
+from data2vec.data.images import ImageSource, PretrainTransform, open_image_source
+from data2vec.data.sampling import ResumableBatchSampler, batch_generator
+from data2vec.masking import masks_from_config
+
+
+class ImagePretrainDataset(Dataset[PretrainItem]):
+    def __init__(self, source: ImageSource, transform: PretrainTransform, on_bad_input: str) -> None:
+        self.source, self.transform, self.on_bad_input = source, transform, on_bad_input
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int]) -> PretrainItem:
+        index, seed = item
+        try:
+            img = self.source.load(index)
+            return PretrainItem(self.transform(img, np.random.default_rng(seed)), seed, None)
+        except BadInputError as e:
+            # Reported, not raised: the training loop applies data.on_bad_input in the main
+            # process, so the error reaches the user as one line rather than a worker traceback.
+            return PretrainItem(None, seed, str(e))
+
+
+class MaskMaker:
+    """Draws the (B*M, T) masks for a batch; picklable, for loader workers."""
+
+    def __init__(self, cfg: RunConfig, grid: tuple[int, int]) -> None:
+        self.masking, self.version, self.grid = cfg.masking, cfg.model.version, grid
+
+    def __call__(self, batch: int, generator: torch.Generator) -> Tensor:
+        return masks_from_config(self.masking, batch, self.grid, version=self.version, generator=generator)
+
+
+class Collate:
+    def __init__(self, mask_maker: Callable[[int, torch.Generator], Tensor]) -> None:
+        self.mask_maker = mask_maker
+
+    def __call__(self, items: list[PretrainItem]) -> PretrainBatch:
+        good = [it for it in items if it.x is not None]
+        skipped = [it.error for it in items if it.error is not None]
+        if not good:
+            return PretrainBatch(torch.empty(0), torch.empty(0, dtype=torch.bool), skipped)
+        x = torch.stack([it.x for it in good if it.x is not None])
+        mask = self.mask_maker(len(good), batch_generator([it.seed for it in good]))
+        return PretrainBatch(x, mask, skipped)
+
+
+def image_source_for(cfg: RunConfig) -> ImageSource:
+    if not cfg.data.path:
+        raise FileNotFoundError("data.path: no data given (pass --data PATH)")
+    return open_image_source(
+        cfg.data.path, image_size=cfg.model.image.image_size[0], on_bad_input=cfg.data.on_bad_input
+    )
+
+
+def image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -> tuple[Iterator[PretrainBatch], int]:
+    source = image_source_for(cfg)
+    icfg, dcfg = cfg.model.image, cfg.data
+    transform = PretrainTransform(
+        size=icfg.image_size,
+        channels=icfg.channels,
+        crop_scale=dcfg.crop_scale,
+        hflip=dcfg.hflip,
+        color_jitter=dcfg.color_jitter,
+        mean=dcfg.mean,
+        std=dcfg.std,
+    )
+    dataset = ImagePretrainDataset(source, transform, dcfg.on_bad_input)
+    sampler = ResumableBatchSampler(
+        len(dataset), dcfg.batch_size, cfg.train.seed, start_batch, rank=rank, world_size=world_size
+    )
+    loader_kwargs: dict[str, Any] = {}
+    if dcfg.num_workers > 0:
+        loader_kwargs = {"persistent_workers": True, "prefetch_factor": 4}
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=Collate(MaskMaker(cfg, icfg.grid)),
+        num_workers=dcfg.num_workers,
+        # Its own generator, so creating the loader never draws from the global RNG
+        # (which drives dropout and must replay exactly on resume).
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        **loader_kwargs,
+    )
+    return iter(loader), len(dataset)
+
+
+class ImagePipeline:
+    """`PretrainPipeline` for images."""
+
+    def check(self, cfg: RunConfig) -> None:
+        image_source_for(cfg)
+
+    def prepare(self, cfg: RunConfig, run_dir: Path) -> RunConfig:
+        return cfg
+
+    def loader(
+        self, cfg: RunConfig, start_batch: int, rank: int, world_size: int
+    ) -> tuple[Iterator[PretrainBatch], int]:
+        return image_loader(cfg, start_batch, rank, world_size)
