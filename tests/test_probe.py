@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from data2vec.config import ConfigError, apply_overrides
-from data2vec.probe import knn_accuracy, layer_probes, plot_probes
+from data2vec.config import ConfigError, RunConfig, apply_overrides
+from data2vec.probe import OnlineProbe, knn_accuracy, layer_probes, plot_probes
 from data2vec.train import train
 from test_finetune import image_config, write_images
 
@@ -87,18 +88,18 @@ def test_plot_probes_without_probe_rows(tmp_path: Path) -> None:
     assert not (tmp_path / "probe.png").exists()
 
 
-class _FakeProbe:
-    """Stands in for OnlineProbe: no labelled data to read, fixed metrics."""
+class _FakeProbe(OnlineProbe):
+    """An OnlineProbe that reads no labelled data and returns fixed metrics."""
 
-    def __init__(self, cfg: object, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.data = bytearray(1024)
 
-    def __call__(self, model: object, step: int) -> dict[str, float]:
+    def __call__(self, model: Any, step: int) -> dict[str, float]:
         return {"probe_knn_layer1": 0.5}
 
 
-def _probe_config() -> object:
+def _probe_config() -> RunConfig:
     return apply_overrides(
         image_config(), ["train.log_every=1", "probe.every=1", "probe.train_data=a", "probe.eval_data=b"]
     )
@@ -115,7 +116,7 @@ def test_online_probe_cache_keeps_one_run_and_can_be_cleared(tmp_path: Path, mon
     made: list[weakref.ref[_FakeProbe]] = []
     real_init = _FakeProbe.__init__
 
-    def tracking_init(self: _FakeProbe, cfg: object, run_dir: Path) -> None:
+    def tracking_init(self: _FakeProbe, cfg: RunConfig, run_dir: Path) -> None:
         real_init(self, cfg, run_dir)
         made.append(weakref.ref(self))
 
@@ -147,4 +148,4 @@ def test_online_probe_plots_on_the_main_process_only(tmp_path: Path, monkeypatch
         probe.online_probe(cfg, tmp_path, None, 2)
         assert (tmp_path / "probe.png").stat().st_size > 0
     finally:
-        getattr(probe, "clear_online_probes", probe._ONLINE.clear)()
+        probe.clear_online_probes()
