@@ -344,3 +344,13 @@ def test_text_weights_of_another_vocabulary_name_the_tokenizer(tmp_path: Path) -
         build_model(pre)
     ids = torch.randint(5, 200, (2, 10))
     assert same_features(build_model(replace(pre, config=cfg)), model, ids)
+
+
+def test_pretrain_init_from_a_joint_run_points_to_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _, _ = joint_run(tmp_path)
+    out = tmp_path / "continued"
+    args = ["pretrain", "--init", str(run), "--data", "builtin:digits:train", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "joint checkpoint" in err and f"data2vec convert {run} OUT --modality M" in err
+    assert not out.exists()

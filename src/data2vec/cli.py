@@ -332,7 +332,13 @@ def _pretrain(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     "init: --init takes the preset and architecture from the checkpoint; drop --preset/--config"
                 )
-            init = load_pretrained(args.init, args.modality)  # --modality picks a joint checkpoint's member
+            try:
+                init = load_pretrained(args.init)
+            except ModalityRequired:  # a resumed run re-reads --init by its path alone: one modality per source
+                raise ConfigError(
+                    f"init: {args.init} is a joint checkpoint; --init takes a one-modality model: write one with "
+                    f"`data2vec convert {args.init} OUT --modality M` and pass --init OUT"
+                ) from None
             cfg = resolve_init_config(args, init.config)
         else:
             cfg = resolve_pretrain_config(args)
