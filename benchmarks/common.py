@@ -23,9 +23,10 @@ import torch
 
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.batch import EvalItem
-from data2vec.extract import Pretrained, build_model, extract_items, load_pretrained_state, num_layers
+from data2vec.extract import extract_items, num_layers
 from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, load_finetuned
 from data2vec.model import Data2Vec
+from data2vec.pretrained import Pretrained, build_model, load_pretrained
 from data2vec.probe import linear_probe
 from data2vec.train import train
 
@@ -198,7 +199,7 @@ def compare_finetune(
     `jobs` > 1 runs that many fine-tuning runs at once in forked processes (one torch thread
     each, so that the fork is safe)."""
     ft = apply_overrides(ft, list(changes))
-    pre = load_pretrained_state(run_dir)
+    pre = load_pretrained(run_dir)
 
     def job(name: str, source: Any, seed: int) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
@@ -291,7 +292,7 @@ def probe_compare(
     test_set: LabelledSet,
 ) -> dict[str, float]:
     """Linear probe (logistic regression) on mean-pooled last-layer features, pretrained vs random init."""
-    pre = load_pretrained_state(run_dir)
+    pre = load_pretrained(run_dir)
     out: dict[str, float] = {}
     for name in ("pretrained", "scratch"):
         model = arm_model(pre, name)
@@ -320,7 +321,7 @@ def ctc_probe_compare(
     targets = [torch.tensor(encode_letters(str(t), vocab), dtype=torch.long) for t in train_set.targets]
     refs = [str(t) for t in test_set.targets]
 
-    pre = load_pretrained_state(run_dir)
+    pre = load_pretrained(run_dir)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for name in ("pretrained", "scratch"):
         model = arm_model(pre, name)

@@ -20,9 +20,9 @@ from sklearn.linear_model import LogisticRegression
 
 from data2vec.config import apply_overrides
 from data2vec.data.eval_inputs import labelled_items
-from data2vec.extract import load_pretrained_state
 from data2vec.finetune import finetune_preset, read_labelled
 from data2vec.presets import preset
+from data2vec.pretrained import load_pretrained
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     )
     run_dir, pinfo = common.pretrain_or_reuse(cfg, args, work)
     algo = common.algorithm(run_dir)
-    pre = load_pretrained_state(run_dir)
+    pre = load_pretrained(run_dir)
 
     lines = (sst / "train.tsv").read_text(encoding="utf-8").splitlines()
     labelled_tsv = work / f"train-{args.labels}.tsv"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,52 @@ def test_pretrain_and_config_reproduce(capsys: pytest.CaptureFixture[str], tmp_p
     a = (tmp_path / "a" / "checkpoints" / "step_00000002" / "student.safetensors").read_bytes()
     b = (tmp_path / "b" / "checkpoints" / "step_00000002" / "student.safetensors").read_bytes()
     assert a == b
+
+
+# ----------------------------------------------------------------------------- joint detection, errors
+
+
+def _pretrain_args(argv: list[str]) -> argparse.Namespace:
+    from data2vec.cli import _parser
+
+    return _parser().parse_args(["pretrain", *argv])
+
+
+def test_joint_config_is_detected_by_its_kind_not_by_its_spelling(tmp_path: Path) -> None:
+    from data2vec.cli import _is_joint_pretrain
+    from data2vec.presets import preset
+
+    joint = tmp_path / "joint.json"
+    joint.write_text(json.dumps({"kind": "joint", "members": {}}, separators=(",", ":")))  # no space after ':'
+    assert _is_joint_pretrain(_pretrain_args(["--config", str(joint)]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "joint"}, indent=4))
+    assert _is_joint_pretrain(_pretrain_args(["--resume", str(run)]))
+    # a single-modality config that merely contains the text is not joint
+    single = preset("image-tiny", 2).to_dict()
+    single["preset"] = 'image-tiny, see "kind": "joint"'
+    plain = tmp_path / "single.json"
+    plain.write_text(json.dumps(single, indent=2))
+    assert not _is_joint_pretrain(_pretrain_args(["--config", str(plain)]))
+
+
+def test_a_bug_is_not_turned_into_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import data2vec.cli as cli
+
+    def broken(args: argparse.Namespace) -> int:
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_convert", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["convert", "a", "b"])
+
+
+def test_debug_shows_the_traceback_of_a_library_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from data2vec.config import ConfigError
+
+    args = ["pretrain", "--preset", "image-huge", "--data", "builtin:digits", "--out", str(tmp_path / "r")]
+    assert main(args) == 2  # one line without --debug
+    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown preset"):
+        main(["--debug", *args])

@@ -18,8 +18,6 @@ from data2vec.config import RunConfig
 from data2vec.extract import (
     extract,
     extract_path,
-    load_model,
-    load_pretrained_state,
     num_layers,
     plan_batches,
     read_inputs,
@@ -27,6 +25,7 @@ from data2vec.extract import (
 )
 from data2vec.modalities.audio import conv_output_length
 from data2vec.model import Data2Vec
+from data2vec.pretrained import load_model, load_pretrained
 from data2vec.tokenizer import TextTokenizer
 
 
@@ -255,7 +254,7 @@ def test_cli_extract_from_a_fairseq_checkpoint(tmp_path: Path) -> None:
     assert main(["extract", "--checkpoint", str(path), "--input", str(tmp_path / "wavs"), "--out", str(out)]) == 0
     arr = np.load(out)
     assert arr.shape == (1, 2, 32)
-    wav = read_inputs(load_pretrained_state(path).config, tmp_path / "wavs")[0].load()
+    wav = read_inputs(load_pretrained(path).config, tmp_path / "wavs")[0].load()
     with torch.no_grad():
         ref = src.encode(wav[None]).x[0].mean(0).numpy()
     np.testing.assert_allclose(arr[0, 0], ref, atol=1e-5)

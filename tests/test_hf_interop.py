@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 T = pytest.importorskip("transformers")
 
 from data2vec.cli import main  # noqa: E402
-from data2vec.interop import InteropError, build_model, load_pretrained, load_source, save_pretrained  # noqa: E402
+from data2vec.interop import InteropError, save_pretrained  # noqa: E402
 from data2vec.interop.hf import HFOutput, forward_like_hf, load_hf, save_hf  # noqa: E402
 from data2vec.model import Data2Vec  # noqa: E402
 from data2vec.presets import preset  # noqa: E402
+from data2vec.pretrained import build_model, from_hf, load_model, load_pretrained  # noqa: E402
 
 T.logging.set_verbosity_error()
 TOL = 1e-5
@@ -108,7 +109,7 @@ def test_vision_parity_and_round_trip(case: str, tmp_path: Path) -> None:
     ref_model.save_pretrained(tmp_path / "hf")
     imp = load_hf(tmp_path / "hf")
     assert imp.config.model.version == 1 and imp.config.model.image.image_size == (h, w)
-    ours = imp.build_model()
+    ours = build_model(from_hf(imp))
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
     ref = hf_forward(ref_model, x)
     out = forward_like_hf(ours, x, head=imp.head)
@@ -139,7 +140,7 @@ def test_non_square_needs_the_transformers_table_resampling(tmp_path: Path) -> N
     plain_cfg = replace(
         imp.config, model=replace(imp.config.model, image=replace(imp.config.model.image, rel_pos_hf_resample=False))
     )
-    plain = build_model(plain_cfg, imp.state_dict)
+    plain = build_model(replace(from_hf(imp), config=plain_cfg))
     x = torch.randn(1, 3, 32, 48)
     ref = hf_forward(ref_model, x)
     assert max_diff(forward_like_hf(plain, x), ref) > 1e-4
@@ -181,7 +182,7 @@ def test_audio_padded_batch_parity_and_round_trip(tmp_path: Path) -> None:
     imp = load_hf(tmp_path / "hf")
     a = imp.config.model.audio
     assert a.conv_layers == ((16, 10, 5), (16, 3, 2), (16, 2, 2)) and a.pos_conv_zero_padding == "input"
-    ours = imp.build_model()
+    ours = build_model(from_hf(imp))
     x, mask = padded_audio()
     ref = hf_forward(ref_model, x, attention_mask=mask)
     out = forward_like_hf(ours, x, mask)
@@ -216,7 +217,7 @@ def test_text_padded_batch_parity_and_round_trip(overrides: dict[str, Any], tmp_
     ref_model.save_pretrained(tmp_path / "hf")
     imp = load_hf(tmp_path / "hf")
     assert imp.config.model.text.max_positions == 32 and imp.head.kind == "pooler"
-    ours = imp.build_model()
+    ours = build_model(from_hf(imp))
     ids = padded_ids()
     attn = ids.ne(1).long()
     ref = hf_forward(ref_model, ids, attention_mask=attn)
@@ -275,7 +276,7 @@ def test_task_heads(case: str, tmp_path: Path) -> None:
     assert imp.head.kind == kind and imp.head.num_labels == num_labels
     if case == "image-classification":
         assert imp.head.id2label[4] == "class4"
-    ours = imp.build_model()
+    ours = build_model(from_hf(imp))
     args = inputs()
     kw = {"attention_mask": args[1]} if len(args) > 1 else {}
     ref = hf_forward(ref_model, args[0], **kw)
@@ -313,7 +314,7 @@ def test_pytorch_model_bin_and_legacy_names(tmp_path: Path) -> None:
     sd["embeddings.position_ids"] = torch.arange(34)[None]
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "config.json").write_text(ref_model.config.to_json_string())
-    ours = load_hf(folder).build_model()
+    ours = build_model(from_hf(load_hf(folder)))
     ids = padded_ids()
     ref = hf_forward(ref_model, ids, attention_mask=ids.ne(1).long())
     assert max_diff(forward_like_hf(ours, ids, ids.ne(1).long()), ref, ids.ne(1)) <= TOL
@@ -332,9 +333,9 @@ def test_convert_cli_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "task head kept: Data2VecVisionForImageClassification" in capsys.readouterr().out
     data = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert data["model"]["version"] == 1 and data["model"]["encoder"]["position_bias"] == "shared"
-    source = load_source(tmp_path / "ours")
+    source = load_pretrained(tmp_path / "ours")
     assert source.kind == "data2vec" and source.head is not None and source.head.num_labels == 4
-    out = forward_like_hf(load_pretrained(tmp_path / "ours"), x, head=source.head)
+    out = forward_like_hf(build_model(source), x, head=source.head)
     assert out.logits is not None and float((out.logits - ref_logits).abs().max()) <= TOL
 
     # our folder -> transformers; converting again into the same folder replaces it
@@ -365,14 +366,14 @@ def test_training_checkpoint_and_run_dir(tmp_path: Path) -> None:
     model = Data2Vec.from_config(cfg)
     save_checkpoint(tmp_path / "run", 7, model.student_state_dict(), model.teacher_state_dict(), cfg.to_dict(), {})
     cfg.save(tmp_path / "run" / "config.json")  # a run directory holds the resolved config too
-    source = load_source(tmp_path / "run")
+    source = load_pretrained(tmp_path / "run")
     assert source.kind == "checkpoint" and source.config == cfg
-    loaded = source.build_model()
+    loaded = build_model(source)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.encode(x).x, model.eval().encode(x).x)
     save_pretrained(loaded, tmp_path / "pretrained", config=cfg)
-    again = load_pretrained(tmp_path / "pretrained")
+    again = load_model(tmp_path / "pretrained")
     with torch.no_grad():
         assert torch.equal(again.encode(x).x, model.encode(x).x)
     # and out to transformers: a 1.0 image preset is BEiT-shaped
@@ -403,29 +404,16 @@ def test_models_trained_here_export_to_transformers(name: str, tmp_path: Path) -
     assert max_diff(ours, hf_forward(back, x)) <= TOL
 
 
-def test_fairseq_checkpoints_are_dispatched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import data2vec.interop as interop
+def test_fairseq_checkpoints_are_read_and_converted(tmp_path: Path) -> None:
+    from tests.test_fairseq import image_v2_checkpoint
 
-    cfg = small_image_v1()
-    model = Data2Vec.from_config(cfg)
-
-    class FakeFairseq:
-        @staticmethod
-        def is_fairseq_checkpoint(path: Path) -> bool:
-            return path.suffix == ".pt"
-
-        @staticmethod
-        def load_fairseq(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-            return cfg, model.state_dict()
-
-    (tmp_path / "model.pt").write_bytes(b"x")
-    monkeypatch.setattr(interop, "fairseq_module", lambda: FakeFairseq)
-    source = load_source(tmp_path / "model.pt")
-    assert source.kind == "fairseq" and source.config == cfg
-    assert main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "out")]) == 0
-    x = torch.randn(1, 3, 32, 32)
+    _, model, path = image_v2_checkpoint(tmp_path)
+    source = load_pretrained(path)
+    assert source.kind == "fairseq" and not any(k.startswith("teacher.") for k in source.student)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 0
+    x = torch.randn(1, 3, *source.config.model.image.image_size)
     with torch.no_grad():
-        assert torch.equal(load_pretrained(tmp_path / "out").encode(x).x, model.eval().encode(x).x)
+        assert torch.equal(load_model(tmp_path / "out").encode(x).x, model.eval().encode(x).x)
 
 
 def test_data2vec_2_export_is_refused(tmp_path: Path) -> None:

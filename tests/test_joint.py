@@ -16,7 +16,7 @@ from PIL import Image
 from data2vec.checkpoint import list_checkpoints, load_checkpoint
 from data2vec.cli import main
 from data2vec.config import ConfigError, EncoderConfig, RunConfig, apply_overrides
-from data2vec.extract import extract, load_model, load_pretrained_state
+from data2vec.extract import extract
 from data2vec.joint import (
     JointConfig,
     JointData2Vec,
@@ -30,6 +30,7 @@ from data2vec.joint import (
 )
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
+from data2vec.pretrained import ModalityRequired, load_model, load_pretrained
 from data2vec.train import TrainingStopped
 
 SR = 16_000
@@ -302,8 +303,8 @@ def test_joint_training_mixes_modalities_and_resumes_exactly(tmp_path: Path) -> 
         assert any(k.startswith(f"frontends.{m}.") for k in ck.student)
         assert any(k.startswith(f"heads.{m}.") for k in ck.student)
     run = tmp_path / "full"
-    with pytest.raises(ValueError, match="joint checkpoint"):
-        load_pretrained_state(run)
+    with pytest.raises(ModalityRequired, match="joint checkpoint"):
+        load_pretrained(run)
     inputs = {
         "image": [torch.randn(1, 32, 32), torch.randn(1, 32, 32)],
         "audio": [torch.from_numpy(np.random.default_rng(0).standard_normal(9000).astype(np.float32))],

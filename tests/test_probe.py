@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from data2vec.config import ConfigError, apply_overrides
-from data2vec.probe import knn_accuracy, layer_probes, plot_probes
+from data2vec.config import ConfigError, RunConfig, apply_overrides
+from data2vec.probe import OnlineProbe, knn_accuracy, layer_probes, plot_probes
 from data2vec.train import train
 from test_finetune import image_config, write_images
 
@@ -85,3 +86,66 @@ def test_plot_probes_without_probe_rows(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     plot_probes(tmp_path / "metrics.jsonl", tmp_path / "probe.png")
     assert not (tmp_path / "probe.png").exists()
+
+
+class _FakeProbe(OnlineProbe):
+    """An OnlineProbe that reads no labelled data and returns fixed metrics."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.data = bytearray(1024)
+
+    def __call__(self, model: Any, step: int) -> dict[str, float]:
+        return {"probe_knn_layer1": 0.5}
+
+
+def _probe_config() -> RunConfig:
+    return apply_overrides(
+        image_config(), ["train.log_every=1", "probe.every=1", "probe.train_data=a", "probe.eval_data=b"]
+    )
+
+
+def test_online_probe_cache_keeps_one_run_and_can_be_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    import data2vec.probe as probe
+
+    monkeypatch.setattr(probe, "OnlineProbe", _FakeProbe)
+    cfg = _probe_config()
+    made: list[weakref.ref[_FakeProbe]] = []
+    real_init = _FakeProbe.__init__
+
+    def tracking_init(self: _FakeProbe, cfg: RunConfig, run_dir: Path) -> None:
+        real_init(self, cfg, run_dir)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(_FakeProbe, "__init__", tracking_init)
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    assert probe.online_probe(cfg, tmp_path / "a", None, 1) == {"probe_knn_layer1": 0.5}
+    probe.online_probe(cfg, tmp_path / "a", None, 2)
+    assert len(made) == 1  # the labelled sets are read once per run
+    probe.online_probe(cfg, tmp_path / "b", None, 1)
+    gc.collect()
+    assert made[0]() is None  # the first run's probe (and its data) is gone
+    assert made[1]() is not None
+    probe.clear_online_probes()
+    gc.collect()
+    assert made[1]() is None
+
+
+def test_online_probe_plots_on_the_main_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import data2vec.probe as probe
+
+    monkeypatch.setattr(probe, "OnlineProbe", _FakeProbe)
+    cfg = _probe_config()
+    monkeypatch.setenv("RANK", "1")  # a torchrun worker other than rank 0 (no process group here)
+    try:
+        assert probe.online_probe(cfg, tmp_path, None, 1) == {"probe_knn_layer1": 0.5}
+        assert not (tmp_path / "probe.png").exists()
+        monkeypatch.setenv("RANK", "0")
+        probe.online_probe(cfg, tmp_path, None, 2)
+        assert (tmp_path / "probe.png").stat().st_size > 0
+    finally:
+        probe.clear_online_probes()

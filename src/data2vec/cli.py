@@ -7,28 +7,73 @@
     data2vec extract --checkpoint CHECKPOINT --input PATH --layers 6,12 --pool mean --out features.npy
     data2vec demo [--out DIR]
     data2vec presets
-    data2vec convert SRC DST [--to hf]
+    data2vec convert SRC DST [--to hf] [--modality image]
     data2vec finetune --checkpoint RUN_DIR --task image_cls --train DIR --eval DIR --out FT_DIR [--set ...]
+
+Errors the library reports about what it was given (ConfigError, BadInputError, CheckpointError,
+InteropError, ...) are printed as one line (exit status 2); anything else is a bug and shows its
+traceback. `data2vec --debug COMMAND ...` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from data2vec.checkpoint import CheckpointError
 from data2vec.config import MODALITIES, ConfigError, RunConfig, apply_overrides
 from data2vec.data.errors import BadInputError
 from data2vec.demo import DEMOS
+from data2vec.interop.common import InteropError
+from data2vec.interop.fairseq import FairseqImportError
+from data2vec.joint import is_joint
 from data2vec.presets import PRESETS, preset
+from data2vec.pretrained import ModalityRequired, build_model, load_pretrained
+from data2vec.tokenizer import TokenizerError
 from data2vec.train import TrainingStopped
+
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """The data named on the command line cannot be used (raised around the commands' data checks)."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    BadInputError,
+    CheckpointError,
+    DataError,
+    FairseqImportError,
+    FileExistsError,
+    FileNotFoundError,
+    InteropError,
+    ModalityRequired,
+    TokenizerError,
+)
+"""Errors about what the command was given, printed as one line (as ConfigError is); any other
+exception is a bug and propagates with its traceback."""
+
+
+def _checking_data(read: Callable[[], T]) -> T:
+    """`read()`, a check or read of the user's data. The data loaders still report some unusable
+    data (an empty folder, a manifest that is not text, ...) as a plain ValueError; raised here,
+    such an error is about the data given, so it becomes a DataError (one line)."""
+    try:
+        return read()
+    except ValueError as e:
+        if isinstance(e, (ConfigError, *USER_ERRORS)):
+            raise
+        raise DataError(str(e)) from e
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data2vec", description="data2vec 1.0 / 2.0 self-supervised pretraining")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain on your own data, or resume a run")
@@ -152,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         help="data2vec (default): this library's folder (config.json + model.safetensors); "
         "hf: a transformers Data2Vec{Vision,Audio,Text} folder (data2vec 1.0 models only)",
     )
+    conv.add_argument("--modality", help="which modality of a joint checkpoint (image, audio or text)")
     _add_finetune_parser(sub)
     return p
 
@@ -184,19 +230,19 @@ def _add_finetune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from data2vec.extract import ModalityRequired, load_pretrained_state
-    from data2vec.finetune import finetune, finetune_preset
+    from data2vec.finetune import finetune, finetune_preset, read_labelled_sets
 
     sugar = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer}
     sugar.update(device=args.device, precision=args.precision)
     flags = [f"{k}={v}" for k, v in sugar.items() if v is not None]
     cfg = apply_overrides(finetune_preset(args.task), [*args.overrides, *flags])
     try:
-        pre = load_pretrained_state(args.checkpoint, args.modality)
+        pre = load_pretrained(args.checkpoint, args.modality)
     except ModalityRequired:  # a joint checkpoint: the task's modality
-        pre = load_pretrained_state(args.checkpoint, cfg.modality)
+        pre = load_pretrained(args.checkpoint, cfg.modality)
+    train, evaluation = _checking_data(lambda: read_labelled_sets(cfg, pre.config, args.train, args.eval))
     result = finetune(
-        pre.config if args.scratch else pre, cfg, args.train, args.eval, args.out, progress=not args.no_progress
+        pre.config if args.scratch else pre, cfg, train, evaluation, args.out, progress=not args.no_progress
     )
     best = Path(args.out) / "best"
     print(f"best {result.metric} {result.best_metric:.4f} at epoch {result.best_epoch}; model in {best}")
@@ -282,19 +328,23 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise ConfigError("out: give --out RUN_DIR")
         init = None
         if args.init:
-            from data2vec.extract import load_pretrained_state
-
             if args.preset or args.config:
                 raise ConfigError(
                     "init: --init takes the preset and architecture from the checkpoint; drop --preset/--config"
                 )
-            init = load_pretrained_state(args.init)
+            try:
+                init = load_pretrained(args.init)
+            except ModalityRequired:  # a resumed run re-reads --init by its path alone: one modality per source
+                raise ConfigError(
+                    f"init: {args.init} is a joint checkpoint; --init takes a one-modality model: write one with "
+                    f"`data2vec convert {args.init} OUT --modality M` and pass --init OUT"
+                ) from None
             cfg = resolve_init_config(args, init.config)
         else:
             cfg = resolve_pretrain_config(args)
         from data2vec.data.pipeline import pipeline_for
 
-        pipeline_for(cfg).check(cfg)  # fail now, in one line, on missing or empty data
+        _checking_data(lambda: pipeline_for(cfg).check(cfg))  # fail now, in one line, on missing or empty data
         result = train(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after, init=init)
     from data2vec.distributed import finish, is_main_process
 
@@ -310,12 +360,23 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_joint_config(path: Path) -> bool:
+    """Whether `path` is a joint run's config.json (False if it is missing; a file that is not JSON
+    is left for the config loader to report)."""
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and is_joint(data)
+
+
 def _is_joint_pretrain(args: argparse.Namespace) -> bool:
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        return saved.is_file() and '"kind": "joint"' in saved.read_text()
+        return _is_joint_config(Path(args.resume) / "config.json")
     if args.config:
-        return '"kind": "joint"' in Path(args.config).read_text() if Path(args.config).is_file() else False
+        return _is_joint_config(Path(args.config))
     return bool(args.modality and "," in args.modality) or (args.preset or "").startswith("joint")
 
 
@@ -360,7 +421,7 @@ def _pretrain_joint(args: argparse.Namespace) -> int:
         for m in cfg.modalities:
             if not cfg.section(m).data.path:
                 raise ConfigError(f"data: no data for {m} (pass --data {m}=PATH)")
-        check_joint_data(cfg)  # fail now, in one line, on missing or empty data
+        _checking_data(lambda: check_joint_data(cfg))  # fail now, in one line, on missing or empty data
         result = train_joint(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
     counts = ", ".join(f"{m} {n}" for m, n in result.steps_per_modality.items())
     print(f"finished at step {result.step} ({counts}); checkpoints in {result.run_dir / 'checkpoints'}")
@@ -393,11 +454,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from data2vec.interop import convert
+    from data2vec.interop.conversion import convert
 
-    out, source = convert(args.src, args.dst, to=args.to)
+    out, source = convert(args.src, args.dst, to=args.to, modality=args.modality)
     m = source.config.model
-    print(f"read {source.kind}: {source.path}")
+    print(f"read {source.source}")
     print(f"  data2vec {m.version}.0 {m.modality} model, {m.encoder.depth} blocks, width {m.encoder.dim}")
     if source.head is not None and source.head.weights:
         head = source.head
@@ -409,7 +470,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     import torch
 
-    from data2vec.extract import build_model, describe, extract_path, load_pretrained_state, write_features
+    from data2vec.extract import describe, extract_items, read_inputs, write_features
     from data2vec.train import resolve_device
 
     try:
@@ -428,19 +489,19 @@ def _extract(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    pre = load_pretrained_state(args.checkpoint, args.modality)
+    pre = load_pretrained(args.checkpoint, args.modality)
     model = build_model(pre).to(resolve_device(args.device))
     m = pre.config.model
     blocks = m.encoder.prenet_depth + m.encoder.depth
     print(f"model: data2vec {m.version}.0 {m.modality}, {blocks} blocks, width {m.encoder.dim} ({pre.source})")
+    items = _checking_data(lambda: read_inputs(pre.config, args.input, args.tokenizer))
+    names = [it.name for it in items]
     with torch.inference_mode():
-        names, feats = extract_path(
+        feats = extract_items(
             model,
-            pre.config,
-            args.input,
+            items,
             layers,
             args.pool,
-            tokenizer=args.tokenizer,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             progress=not args.no_progress,
@@ -454,35 +515,44 @@ def _extract(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "pretrain":
-            return _pretrain(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "extract":
-            return _extract(args)
-        if args.command == "finetune":
-            return _finetune(args)
-        if args.command == "presets":
-            for name in sorted(PRESETS):
-                print(f"{name}: data2vec {' and '.join(f'{v}.0' for v in sorted(PRESETS[name]))}")
-            return 0
+        return _run(args)
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"data2vec: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, BadInputError, CheckpointError) as e:
-        print(f"data2vec: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"data2vec: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
+        if args.debug:
+            raise
         print(f"data2vec: training stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("data2vec: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "pretrain":
+        return _pretrain(args)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "extract":
+        return _extract(args)
+    if args.command == "finetune":
+        return _finetune(args)
+    if args.command == "presets":
+        for name in sorted(PRESETS):
+            print(f"{name}: data2vec {' and '.join(f'{v}.0' for v in sorted(PRESETS[name]))}")
+        return 0
     return 1
 
 

@@ -1,7 +1,7 @@
 """Feature extraction: per-layer features of a pretrained encoder, with padding removed.
 
     from data2vec.extract import extract, load_model
-    model = load_model("runs/speech")                     # a run directory, checkpoint, ...
+    model = load_model("runs/speech")                     # anything data2vec.pretrained reads
     feats = extract(model, [wav1, wav2], layers=[6, 12], pool="none")
     feats[12][0].shape                                    # (frames of wav1, D)
 
@@ -27,7 +27,6 @@ maximum length).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +36,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from data2vec.config import RunConfig
+from data2vec.config import ConfigError, RunConfig
 from data2vec.data.batch import EvalItem
 from data2vec.data.eval_inputs import read_inputs as read_inputs  # re-export: extract.read_inputs
 from data2vec.model import Data2Vec
+from data2vec.pretrained import load_model as load_model
 
 Pool = Literal["mean", "none"]
 Features = dict[int, Any]
@@ -48,118 +48,6 @@ Features = dict[int, Any]
 
 DEFAULT_MAX_TOKENS = {"audio": 16_000 * 120, "text": 16_384, "image": 0}
 """Padded elements per batch by default: 120 s of 16 kHz speech, 16k text tokens (images: no cap)."""
-
-
-# ============================================================================ loading a model
-
-
-class ModalityRequired(ValueError):
-    """A joint checkpoint holds several modalities; the caller has to pick one."""
-
-
-@dataclass
-class Pretrained:
-    """A pretrained model's config and student weights (this library's key names)."""
-
-    config: RunConfig
-    student: dict[str, Tensor]
-    source: str
-    """Where it came from, for logs (kind and path)."""
-    path: str
-    """The file or folder it was read from."""
-
-
-def _own_checkpoint(path: Path, modality: str | None = None) -> Pretrained | None:
-    """A training checkpoint folder or run directory of this library, or None. A joint
-    checkpoint (several modalities, one encoder) gives the `modality` member."""
-    from data2vec.checkpoint import load_checkpoint, load_latest
-
-    if (path / "manifest.json").is_file():
-        ck = load_checkpoint(path)
-    elif (path / "checkpoints").is_dir():
-        found = load_latest(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no checkpoint that verifies in {path / 'checkpoints'}")
-        ck = found
-    else:
-        return None
-    source = f"checkpoint {ck.path} (step {ck.step})"
-    if ck.config.get("kind") == "joint":
-        from data2vec.joint import JointConfig, member_weights
-
-        joint = JointConfig.from_dict(ck.config)
-        if modality is None:
-            raise ModalityRequired(
-                f"{path} is a joint checkpoint ({', '.join(joint.modalities)}): name the modality to load "
-                "(--modality, or modality=...)"
-            )
-        cfg = joint.member(modality)
-        return Pretrained(cfg, member_weights(ck.student, modality), f"{modality} of joint {source}", str(path))
-    cfg = RunConfig.from_dict(ck.config)
-    _check_modality(cfg, modality, path)
-    return Pretrained(cfg, ck.student, source, str(path))
-
-
-def _check_modality(cfg: RunConfig, modality: str | None, path: str | Path) -> None:
-    if modality is not None and modality != cfg.model.modality:
-        raise ValueError(f"{path}: a {cfg.model.modality} model, not {modality}")
-
-
-def _interop_load_source() -> Callable[[str | Path], Any] | None:
-    """`data2vec.interop.load_source` (our folder, transformers, fairseq, checkpoints) if installed."""
-    try:
-        import data2vec.interop as interop
-    except ImportError:
-        return None
-    fn = getattr(interop, "load_source", None)
-    return fn if callable(fn) else None
-
-
-def load_pretrained_state(path: str | Path, modality: str | None = None) -> Pretrained:
-    """Config and student weights from a run directory or training checkpoint of this library,
-    or, through `data2vec.interop` when present, our pretrained folder, a transformers model or a
-    fairseq checkpoint (a fairseq checkpoint is read directly otherwise). `modality` picks one
-    member of a joint checkpoint (required there); elsewhere it must match the model."""
-    p = Path(path)
-    if p.is_dir():
-        own = _own_checkpoint(p, modality)
-        if own is not None:
-            return own
-    load_source = _interop_load_source()
-    if load_source is not None:
-        src = load_source(path)
-        _check_modality(src.config, modality, path)
-        student = {k: v for k, v in src.state_dict.items() if not k.startswith("teacher.")}
-        return Pretrained(src.config, student, f"{src.kind} {src.path}", str(path))
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    from data2vec.interop.fairseq import is_fairseq_checkpoint, load_fairseq
-
-    if is_fairseq_checkpoint(p):
-        cfg, sd = load_fairseq(p)
-        _check_modality(cfg, modality, path)
-        student = {k: v for k, v in sd.items() if not k.startswith("teacher.")}
-        return Pretrained(cfg, student, f"fairseq {p}", str(path))
-    raise ValueError(f"{path}: not a run directory, training checkpoint or fairseq checkpoint")
-
-
-def build_model(pre: Pretrained) -> Data2Vec:
-    """A model (eval mode) holding `pre`'s weights; only the pretraining head may be missing."""
-    model = Data2Vec.from_config(pre.config)
-    missing, unexpected = model.load_state_dict(pre.student, strict=False)
-    missing = [k for k in missing if not k.startswith(("teacher.", "head.")) and k != "frontend.context.mask_emb"]
-    if missing or unexpected:
-        raise ValueError(
-            f"{pre.source}: weights do not fit its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    for name, part in model.student_parts().items():
-        model.teacher[name].load_state_dict(part.state_dict())
-    return model.eval()
-
-
-def load_model(path: str | Path, modality: str | None = None) -> Data2Vec:
-    """`build_model(load_pretrained_state(path, modality))`."""
-    return build_model(load_pretrained_state(path, modality))
 
 
 # ============================================================================ the forward pass
@@ -179,8 +67,9 @@ def resolve_layers(model: Data2Vec, layers: Sequence[int] | None) -> list[int]:
     for layer in layers:
         n = total + 1 + layer if layer < 0 else layer
         if not 0 <= n <= total:
-            raise ValueError(
-                f"layer {layer}: this model has layers 0 (encoder input) to {total} (last block), or -1 to -{total + 1}"
+            raise ConfigError(
+                f"layers: {layer} is not a layer: this model has layers 0 (encoder input) to {total} (last block), "
+                f"or -1 to -{total + 1}"
             )
         if n not in out:
             out.append(n)
@@ -244,7 +133,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -
     `max_tokens` padded elements (count x longest) when `max_tokens` > 0; an input longer than
     `max_tokens` gets a batch of its own."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -303,7 +192,7 @@ def extract_items(
 ) -> Features:
     """`extract` for lazily loaded inputs (see `EvalItem`)."""
     if pool not in ("mean", "none"):
-        raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
+        raise ConfigError(f"pool: must be 'mean' or 'none', got {pool!r}")
     wanted = resolve_layers(model, layers)
     cap = DEFAULT_MAX_TOKENS[model.cfg.modality] if max_tokens is None else max_tokens
     was_training = model.training

@@ -15,6 +15,8 @@ from torch import Tensor
 from data2vec.config import RunConfig
 from data2vec.data.eval_inputs import labelled_items
 from data2vec.data.labelled import read_labelled
+from data2vec.distributed import is_main_process
+from data2vec.extract import extract_items
 from data2vec.model import Data2Vec
 
 
@@ -122,8 +124,10 @@ def layer_probes(
 
 class OnlineProbe:
     """Probes of the student during pretraining (`RunConfig.probe`): the labelled sets are read
-    once; every `probe.every` steps their features are extracted (eval mode, no masking) and
-    linear-probe and kNN accuracies are returned as `probe_*` metrics and plotted to probe.png."""
+    once, when it is made; every `probe.every` steps their features are extracted (eval mode, no
+    masking) and linear-probe and kNN accuracies are returned as `probe_*` metrics (`__call__`),
+    which `update` also plots to RUN_DIR/probe.png. One per run: whoever runs the training loop
+    owns it and drops it when the run ends."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -137,8 +141,6 @@ class OnlineProbe:
 
     def __call__(self, model: Data2Vec, step: int) -> dict[str, float]:
         """The probe metrics at `step` ({} when this is not a probe step)."""
-        from data2vec.extract import extract_items
-
         pc = self.cfg.probe
         if pc.every <= 0 or step % pc.every != 0:
             return {}
@@ -148,23 +150,38 @@ class OnlineProbe:
         result = layer_probes(tr, self.train_y, te, self.test_y, average=pc.average_layers, knn_k=pc.knn_k)
         return {f"probe_{k}": v for k, v in result.items()}
 
+    def update(self, model: Data2Vec, step: int) -> dict[str, float]:
+        """`self(model, step)`, and probe.png redrawn from metrics.jsonl by the main process only
+        (under torchrun every rank computes the metrics: the model may be sharded)."""
+        metrics = self(model, step)
+        if metrics and is_main_process():
+            run = self.run_dir
+            plot_probes(run / "metrics.jsonl", run / "probe.png", {"step": step, **metrics})
+        return metrics
+
 
 _ONLINE: dict[str, tuple[RunConfig, OnlineProbe]] = {}
+"""`online_probe`'s probe: at most one, the current run's (by resolved run directory)."""
+
+
+def clear_online_probes() -> None:
+    """Drop the probe `online_probe` keeps (and the labelled data it holds); call when a run ends."""
+    _ONLINE.clear()
 
 
 def online_probe(cfg: RunConfig, run_dir: Path, model: Data2Vec, step: int) -> dict[str, float]:
     """The training loop's hook: {} when `cfg.probe` is off or `step` is not a probe step, else
-    the `probe_*` metrics (the labelled sets are read on the first call of a run), and probe.png
-    is redrawn from metrics.jsonl."""
+    the `probe_*` metrics, with probe.png redrawn (main process only). The labelled sets are read
+    on the first call of a run; only the latest run's probe is kept (`clear_online_probes` drops
+    it), so a new run directory or config releases the previous run's data."""
     if cfg.probe.every <= 0 or step % cfg.probe.every != 0:
         return {}
     key = str(Path(run_dir).resolve())
     cached = _ONLINE.get(key)
     if cached is None or cached[0] != cfg:
+        _ONLINE.clear()  # before reading the new sets: never two runs' data at once
         cached = _ONLINE[key] = (cfg, OnlineProbe(cfg, run_dir))
-    metrics = cached[1](model, step)
-    plot_probes(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "probe.png", {"step": step, **metrics})
-    return metrics
+    return cached[1].update(model, step)
 
 
 def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None) -> None:

@@ -59,6 +59,7 @@ from data2vec.finetune.loop import (
     finetune,
     mix_batch,
     plot_finetune,
+    read_labelled_sets,
     smooth_one_hot,
 )
 from data2vec.finetune.model import (
@@ -98,6 +99,7 @@ __all__ = [
     "param_groups",
     "plot_finetune",
     "read_labelled",
+    "read_labelled_sets",
     "save_finetuned",
     "smooth_one_hot",
 ]

@@ -23,6 +23,7 @@ from data2vec.finetune.config import METRIC, FinetuneConfig
 from data2vec.finetune.ctc import encode_letters, error_rates, greedy_decode, letter_vocab
 from data2vec.finetune.data import Batcher, index_batches, load_tokenizer, read_labelled
 from data2vec.finetune.model import FinetuneModel, build_finetune_model, param_groups, save_finetuned
+from data2vec.pretrained import ModalityRequired, Pretrained, load_pretrained
 from data2vec.schedules import cosine_lr
 
 
@@ -143,24 +144,39 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _resolve_source(source: str | Path | RunConfig | Any) -> tuple[RunConfig, dict[str, Tensor] | None, str]:
-    """(encoder config, student weights or None for a random init, description)."""
-    from data2vec.extract import Pretrained, load_pretrained_state
-
+def _resolve_source(
+    source: str | Path | RunConfig | Pretrained, modality: str
+) -> tuple[RunConfig, dict[str, Tensor] | None, str]:
+    """(encoder config, student weights or None for a random init, description); a joint
+    checkpoint gives its `modality` member (the task's)."""
     if isinstance(source, RunConfig):
         return source, None, "random init"
-    pre = source if isinstance(source, Pretrained) else load_pretrained_state(source)
+    if isinstance(source, Pretrained):
+        pre = source
+    else:
+        try:
+            pre = load_pretrained(source)
+        except ModalityRequired:
+            pre = load_pretrained(source, modality)
     return pre.config, pre.student, pre.source
 
 
-def _labelled_sets(
+def _check_modality(cfg: FinetuneConfig, rcfg: RunConfig, described: str) -> None:
+    if rcfg.model.modality != cfg.modality:
+        raise ConfigError(
+            f"task: {cfg.task} needs a {cfg.modality} model; {described} is a {rcfg.model.modality} model"
+        )
+
+
+def read_labelled_sets(
     cfg: FinetuneConfig,
     rcfg: RunConfig,
     train_data: str | Path | LabelledSet,
     eval_data: str | Path | LabelledSet,
 ) -> tuple[LabelledSet, LabelledSet]:
-    """The training and eval sets, read if given as paths; eval class names map to the training
-    set's indices."""
+    """The training and eval sets for fine-tuning the model `rcfg` describes, read if given as
+    paths (as `finetune` reads them); eval class names map to the training set's indices."""
+    _check_modality(cfg, rcfg, "the pretrained model")
     paths = not (isinstance(train_data, LabelledSet) and isinstance(eval_data, LabelledSet))
     tokenizer = load_tokenizer(cfg, rcfg) if cfg.modality == "text" and paths else None
     train_set = (
@@ -185,7 +201,7 @@ def _num_outputs(cfg: FinetuneConfig, train: LabelledSet, vocab: Sequence[str]) 
 
 
 def finetune(
-    source: str | Path | RunConfig | Any,
+    source: str | Path | RunConfig | Pretrained,
     cfg: FinetuneConfig,
     train_data: str | Path | LabelledSet,
     eval_data: str | Path | LabelledSet,
@@ -194,17 +210,15 @@ def finetune(
     quiet: bool = False,
     progress: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune `source` (a run directory, checkpoint, pretrained folder, transformers or
-    fairseq checkpoint, a `Pretrained`, or a RunConfig = the same architecture from a random
-    init) on `train_data`, evaluating on `eval_data` after every epoch."""
+    """Fine-tune `source` (anything `data2vec.pretrained.load_pretrained` reads: a run directory,
+    checkpoint, pretrained folder, transformers or fairseq checkpoint; of a joint checkpoint, the
+    task's modality), a `Pretrained`, or a RunConfig (the same architecture from a random init)
+    on `train_data`, evaluating on `eval_data` after every epoch."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    rcfg, weights, described = _resolve_source(source)
-    if rcfg.model.modality != cfg.modality:
-        raise ConfigError(
-            f"task: {cfg.task} needs a {cfg.modality} model; {described} is a {rcfg.model.modality} model"
-        )
+    rcfg, weights, described = _resolve_source(source, cfg.modality)
+    _check_modality(cfg, rcfg, described)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "finetune.log"
@@ -215,7 +229,7 @@ def finetune(
         if not quiet:
             tqdm.write(msg)
 
-    train_set, eval_set = _labelled_sets(cfg, rcfg, train_data, eval_data)
+    train_set, eval_set = read_labelled_sets(cfg, rcfg, train_data, eval_data)
     vocab = letter_vocab([str(t) for t in train_set.targets]) if cfg.task == "audio_ctc" else []
     n_out = _num_outputs(cfg, train_set, vocab)
     model, rcfg = build_finetune_model(rcfg, weights, cfg, n_out)

@@ -17,6 +17,7 @@ from data2vec.finetune.config import FinetuneConfig
 from data2vec.masking import span_mask
 from data2vec.modalities.base import Tokens
 from data2vec.model import Data2Vec, no_weight_decay, trunc_normal_
+from data2vec.pretrained import load_student_weights
 
 
 class FinetuneModel(nn.Module):
@@ -211,15 +212,8 @@ def build_finetune_model(
     rcfg = replace(rcfg, model=replace(rcfg.model, encoder=enc))
     torch.manual_seed(cfg.seed)
     backbone = Data2Vec.from_config(rcfg)
-    if weights is not None:
-        own = backbone.state_dict()
-        wanted = {k: v for k, v in weights.items() if k.startswith(("frontend.", "encoder."))}
-        wrong = [k for k in wanted if k in own and own[k].shape != wanted[k].shape]
-        missing = [k for k in own if k.startswith(("frontend.", "encoder.")) and k not in wanted]
-        missing = [k for k in missing if k != "frontend.context.mask_emb"]
-        if wrong or missing:
-            raise ValueError(f"pretrained weights do not fit the model: missing {missing[:5]}, wrong shape {wrong[:5]}")
-        backbone.load_state_dict(wanted, strict=False)
+    if weights is not None:  # the front-end and encoder; the pretraining head is not used here
+        load_student_weights(backbone, weights, "the pretrained weights", skip=("head.", "teacher."))
     model = FinetuneModel(backbone, cfg.task, num_outputs, cfg.head_norm)
     if cfg.modality == "audio":
         model.mask_prob, model.mask_length = cfg.mask_prob, cfg.mask_length

@@ -2,7 +2,7 @@
 
 `SIGNATURES` are the key patterns of the four checkpoint kinds, in the order `load` tries them
 (data2vec_multi, data2vec_text, data2vec_audio, data2vec_vision/BEiT); `is_fairseq_checkpoint`
-matches them against the strings of a torch zip checkpoint's pickle.
+matches them against the strings of a torch checkpoint's pickle (zip or legacy format).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import pickletools
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SIGNATURES: dict[str, Callable[[set[str]], bool]] = {
@@ -24,25 +24,38 @@ SIGNATURES: dict[str, Callable[[set[str]], bool]] = {
 """Which checkpoint kind a set of (prefix-free) model keys is, tried in this order."""
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+"""The number a torch checkpoint in the legacy (non-zip) format starts with, pickled."""
+
+
+def _strings(ops: Iterator[tuple[object, object, object]]) -> set[str]:
+    return {arg for _, arg, _ in ops if isinstance(arg, str)}
+
+
 def _pickle_strings(path: Path) -> set[str] | None:
-    """The strings in a torch zip checkpoint's pickle (its dict keys among them), read without
-    unpickling; None if the file is not a torch zip checkpoint."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not names:
+    """The strings in a torch checkpoint's pickle (its dict keys among them), read without
+    unpickling; None if the file is not a torch checkpoint (zip or legacy format)."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not names:
+                    return None
+                data = zf.read(names[0])
+            return _strings(pickletools.genops(io.BytesIO(data)))
+        except Exception:
+            return None
+    try:  # legacy: the pickled magic number, protocol version and system info, then the object
+        with open(path, "rb") as f:
+            magic = [arg for _, arg, _ in pickletools.genops(f)]
+            if _LEGACY_MAGIC not in magic:
                 return None
-            data = zf.read(names[0])
-    except (OSError, zipfile.BadZipFile):
-        return None
-    out: set[str] = set()
-    try:
-        for _, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if isinstance(arg, str):
-                out.add(arg)
+            for _ in range(2):
+                for _ in pickletools.genops(f):
+                    pass
+            return _strings(pickletools.genops(f))
     except Exception:
         return None
-    return out
 
 
 def is_fairseq_checkpoint(path: Path) -> bool:

@@ -11,7 +11,9 @@ plain dicts, lists and values.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
+import collections
 import io
 import pickle
 import pickletools
@@ -45,8 +47,10 @@ def _numpy_globals() -> list[Any]:
     return out
 
 
-SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
-"""What `torch.load(weights_only=True)` may build besides tensors and plain containers."""
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, collections.defaultdict, *_numpy_globals()]
+"""What `torch.load(weights_only=True)` may build besides tensors and plain containers. A
+`defaultdict` (omegaconf 2.0 pickles one in a DictConfig) only stores its default factory, itself
+a global this allow-list must admit."""
 
 _CONFIG_MODULES = ("omegaconf", "fairseq", "examples")
 """Globals from these packages are configuration classes: read as inert records, never called."""
@@ -139,6 +143,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _placeholders: dict[str, type[_Opaque]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names (`__builtin__.dict` in a protocol-2 pickle) as pickle's own find_class maps
+        # them; no Python 3 module has such a name.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         fq = f"{module}.{name}"
         allowed = _allowed_by_name()
         if fq in allowed:

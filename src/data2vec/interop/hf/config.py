@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from data2vec.config import AudioConfig, EncoderConfig, ImageConfig, Modality, ModelConfig, RunConfig, TextConfig
-from data2vec.interop import InteropError
+from data2vec.interop.common import InteropError
 from data2vec.interop.hf.head import HFHead
 from data2vec.interop.hf.tables import (
     ACT_IN,

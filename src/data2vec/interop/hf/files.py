@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from data2vec.config import ConfigError
-from data2vec.interop import InteropError, tensors_for_saving, write_folder
+from data2vec.interop.common import InteropError, tensors_for_saving, write_folder
 from data2vec.interop.hf.config import exportable, hf_config, model_config, run_config
 from data2vec.interop.hf.head import HFHead, HFImport
 from data2vec.interop.hf.tables import BARE, DERIVED, HEAD_KINDS, HEAD_OUTPUT, MODEL_TYPE, NOT_CARRIED, PREFIX

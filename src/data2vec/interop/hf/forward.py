@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data2vec.interop import InteropError
+from data2vec.interop.common import InteropError
 from data2vec.interop.hf.head import HFHead
 from data2vec.interop.hf.tables import HEAD_KINDS
 from data2vec.modalities.audio import conv_output_lengths, lengths_to_padding_mask

@@ -1,6 +1,7 @@
 """What a transformers checkpoint holds in our terms: `HFHead`, the task head's architecture,
 weights and the config keys our RunConfig does not carry, and `HFImport`, a whole imported
 checkpoint (our RunConfig, backbone weights in our names, the head, the source config.json).
+`data2vec.pretrained.from_hf` turns an `HFImport` into a `Pretrained` (and `build_model` into a model).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from typing import Any
 from torch import Tensor
 
 from data2vec.config import RunConfig
-from data2vec.interop import Source, build_model
-from data2vec.model import Data2Vec
 
 
 @dataclass
@@ -68,9 +67,3 @@ class HFImport:
     hf_config: dict[str, Any]
     """The source config.json as read."""
     path: str
-
-    def build_model(self) -> Data2Vec:
-        return build_model(self.config, self.state_dict)
-
-    def as_source(self) -> Source:
-        return Source(self.config, self.state_dict, "transformers", self.path, self.head)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from data2vec.config import EncoderConfig, ModelConfig
-from data2vec.interop import InteropError
+from data2vec.interop.common import InteropError
 from data2vec.interop.hf.tables import BACKBONE, IGNORED, PREFIX
 from data2vec.model import Data2Vec
 from data2vec.nn.pos import sincos_2d
