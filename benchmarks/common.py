@@ -28,7 +28,7 @@ from data2vec.finetune import FinetuneConfig, LabelledSet, evaluate, finetune, l
 from data2vec.model import Data2Vec
 from data2vec.pretrained import Pretrained, build_model, load_pretrained
 from data2vec.probe import linear_probe
-from data2vec.train import train
+from data2vec.training import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

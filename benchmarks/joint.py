@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from data2vec.demo_joint import corpora, demo_config, probe_joint
-from data2vec.joint import JointConfig, initial_joint_model, train_joint
+from data2vec.joint import JointConfig, initial_joint_model
+from data2vec.training import train_joint
 
 MODALITIES = ("image", "audio", "text")
 

@@ -6,7 +6,7 @@ equal ratios) on synthetic batches of each modality's configured size (image 32 
 speech 8 x 3 s, text 16 x 128 tokens), so data loading is excluded. A "cycle" is one batch of
 each modality: three optimizer steps in "one" mode, one in "mixed" mode; both modes see the
 same samples per modality per cycle. Each timed step is the whole training step of
-`joint.train_joint` (`joint.backward_step`, gradient clipping, AdamW, EMA update). The two
+`training.train_joint` (`training.objectives.backward_step`, gradient clipping, AdamW, EMA update). The two
 modes are timed alternately, cycle by cycle (which goes first alternates too), so load on the
 machine hits both alike. Reported: the median cycle time after warm-up, its quartiles, samples
 per second of training (per modality and overall), and the median time of the update part
@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from data2vec.joint import JointConfig, JointData2Vec, backward_step, joint_tiny, step_weights
+from data2vec.joint import JointConfig, JointData2Vec, joint_tiny, step_weights
 from data2vec.model import Batch
 from data2vec.schedules import ema_decay
-from data2vec.train import build_optimizer
+from data2vec.training import build_optimizer
+from data2vec.training.objectives import backward_step
 
 CPU = torch.device("cpu")
 

@@ -36,7 +36,7 @@ from data2vec.interop.hf import forward_like_hf, save_hf
 from data2vec.modalities.audio import conv_output_length
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
-from data2vec.train import build_optimizer
+from data2vec.training import build_optimizer
 
 TARGETS = {
     "ours 1.0 fp32 / peer fp32": 1.5,

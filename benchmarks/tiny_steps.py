@@ -20,7 +20,7 @@ import torch
 
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
-from data2vec.train import autocast, build_optimizer
+from data2vec.training import autocast, build_optimizer
 
 
 def measure(version: int, precision: str, steps: int, warmup: int = 3) -> dict[str, float]:

@@ -20,7 +20,7 @@ import torch
 from data2vec.checkpoint import list_checkpoints, load_checkpoint
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.presets import preset
-from data2vec.train import train
+from data2vec.training import train
 
 TINY = [
     "data.path=builtin:digits:train",

@@ -36,7 +36,7 @@ from data2vec.finetune import (
 )
 from data2vec.presets import preset
 from data2vec.tokenizer import TextTokenizer
-from data2vec.train import train
+from data2vec.training import train
 
 IMAGE = [
     "model.encoder.dim=32",

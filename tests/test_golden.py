@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tests.golden.cases import CASES, OLD_RUN, RECORDED, outcome
 
-from data2vec.train import train
+from data2vec.training import train
 
 
 def assert_same(got: dict, name: str) -> None:

@@ -14,7 +14,7 @@ from data2vec.checkpoint import load_latest
 from data2vec.cli import main
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.model import Data2Vec
-from data2vec.train import check_init_config, init_from
+from data2vec.training import check_init_config, init_from
 
 
 def sets(*items: str) -> list[str]:

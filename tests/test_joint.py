@@ -20,18 +20,17 @@ from data2vec.extract import extract
 from data2vec.joint import (
     JointConfig,
     JointData2Vec,
-    backward_step,
     joint_config,
     member_weights,
     modality_for_step,
     step_plan,
     step_weights,
-    train_joint,
 )
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
 from data2vec.pretrained import ModalityRequired, load_model, load_pretrained
-from data2vec.train import TrainingStopped
+from data2vec.training import TrainingStopped, train_joint
+from data2vec.training.objectives import backward_step
 
 SR = 16_000
 ENC = EncoderConfig(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, norm_eps=1e-5, input_norm=True)

@@ -286,7 +286,7 @@ def test_load_student_weights_exempts_only_the_head_and_the_mask_vector() -> Non
 
 
 def test_load_encoder_weights_is_what_init_from_does(tmp_path: Path) -> None:
-    from data2vec.train import init_from
+    from data2vec.training import init_from
 
     cfg = make_tiny_config(2)
     make_run(tmp_path / "run", cfg, seeds=(5,))
@@ -304,7 +304,7 @@ def test_load_encoder_weights_is_what_init_from_does(tmp_path: Path) -> None:
 
 
 def test_load_encoder_weights_errors_match_init_from(tmp_path: Path) -> None:
-    from data2vec.train import init_from
+    from data2vec.training import init_from
 
     cfg = make_tiny_config(2)
     src = built(cfg).student_state_dict()

@@ -11,7 +11,7 @@ import pytest
 
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.probe import OnlineProbe, knn_accuracy, layer_probes, plot_probes
-from data2vec.train import train
+from data2vec.training import train
 from test_finetune import image_config, write_images
 
 

@@ -22,7 +22,7 @@ from tests.test_train import TINY, tiny_run_config
 import data2vec.checkpoint as checkpoint_module
 import data2vec.model as model_module
 from data2vec.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, safe_torch_load
-from data2vec.train import TrainingStopped, train
+from data2vec.training import TrainingStopped, train
 
 
 def _summary(run: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from data2vec.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.presets import preset
-from data2vec.train import TrainingStopped, train
+from data2vec.training import TrainingStopped, train
 
 TINY = [
     "data.path=builtin:digits:train",
@@ -192,7 +192,7 @@ def test_local_lr_scale_slows_or_freezes_the_local_encoder(tmp_path: Path, scale
 def test_local_lr_scale_one_keeps_the_two_group_optimizer() -> None:
     """The default keeps the optimizer layout that older checkpoints were saved with."""
     from data2vec.model import Data2Vec
-    from data2vec.train import build_optimizer
+    from data2vec.training import build_optimizer
 
     cfg = tiny_run_config(2)
     opt = build_optimizer(Data2Vec.from_config(cfg), cfg.optim)

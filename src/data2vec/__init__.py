@@ -7,7 +7,7 @@
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.model import Batch, Data2Vec, StepOutput
 from data2vec.presets import PRESETS, preset
-from data2vec.train import TrainingStopped, TrainResult, train
+from data2vec.training import JointTrainResult, TrainingStopped, TrainResult, resume, train, train_joint
 
 __version__ = "0.1.0"
 
@@ -16,11 +16,14 @@ __all__ = [
     "Batch",
     "ConfigError",
     "Data2Vec",
+    "JointTrainResult",
     "RunConfig",
     "StepOutput",
     "TrainResult",
     "TrainingStopped",
     "apply_overrides",
     "preset",
+    "resume",
     "train",
+    "train_joint",
 ]

@@ -35,7 +35,7 @@ from data2vec.joint import is_joint
 from data2vec.presets import PRESETS, preset
 from data2vec.pretrained import ModalityRequired, build_model, load_pretrained
 from data2vec.tokenizer import TokenizerError
-from data2vec.train import TrainingStopped
+from data2vec.training import TrainingStopped
 
 T = TypeVar("T")
 
@@ -285,7 +285,7 @@ def resolve_pretrain_config(args: argparse.Namespace) -> RunConfig:
 def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfig:
     """`pretrain --init`: the checkpoint's config with --data, --set and the --on-* flags applied; an
     override that would change the architecture is refused, naming the key."""
-    from data2vec.train import check_init_config
+    from data2vec.training import check_init_config
 
     if args.modality and args.modality != source.model.modality:
         raise ConfigError(f"modality: --modality {args.modality} but the checkpoint is a {source.model.modality} model")
@@ -306,7 +306,7 @@ def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfi
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from data2vec.train import train
+    from data2vec.training import train
 
     if _is_joint_pretrain(args):
         return _pretrain_joint(args)
@@ -382,7 +382,8 @@ def _is_joint_pretrain(args: argparse.Namespace) -> bool:
 
 def _pretrain_joint(args: argparse.Namespace) -> int:
     """`pretrain --modality image,audio,text --data image=PATH audio=PATH text=PATH` (data2vec.joint)."""
-    from data2vec.joint import JointConfig, check_joint_data, joint_preset, train_joint, with_data
+    from data2vec.joint import JointConfig, check_joint_data, joint_preset, with_data
+    from data2vec.training import train_joint
 
     if args.resume:
         if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
@@ -471,7 +472,7 @@ def _extract(args: argparse.Namespace) -> int:
     import torch
 
     from data2vec.extract import describe, extract_items, read_inputs, write_features
-    from data2vec.train import resolve_device
+    from data2vec.training import resolve_device
 
     try:
         layers = [int(x) for x in args.layers.split(",") if x.strip()]

@@ -22,7 +22,7 @@ from data2vec.data.images import digits_array, digits_split, to_tensor
 from data2vec.model import Data2Vec
 from data2vec.presets import digits_tiny
 from data2vec.probe import initial_model, pooled_features, probe_accuracies
-from data2vec.train import train
+from data2vec.training import train
 
 
 @dataclass

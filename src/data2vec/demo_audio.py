@@ -43,7 +43,7 @@ from data2vec.model import Data2Vec
 from data2vec.presets import preset
 from data2vec.probe import initial_model, probe_accuracies
 from data2vec.speech_synth import add_noise
-from data2vec.train import train
+from data2vec.training import train
 
 CACHE_NAME = "speech-demo-v1"
 SAMPLE_RATE = 16_000

@@ -20,9 +20,10 @@ import numpy as np
 
 from data2vec import demo, demo_audio, demo_text
 from data2vec.config import EncoderConfig, TeacherConfig, TrainConfig, apply_overrides
-from data2vec.joint import JointConfig, JointData2Vec, initial_joint_model, joint_config, train_joint
+from data2vec.joint import JointConfig, JointData2Vec, initial_joint_model, joint_config
 from data2vec.probe import pooled_features, probe_accuracies
 from data2vec.tokenizer import TextTokenizer
+from data2vec.training import train_joint
 
 DEMO_STEPS_PER_MODALITY = 300
 ENCODER = EncoderConfig(dim=192, depth=4, num_heads=4, norm_eps=1e-5, input_norm=True)

@@ -36,7 +36,7 @@ from data2vec.model import Data2Vec
 from data2vec.presets_text import text_tiny_v1, text_tiny_v2
 from data2vec.probe import initial_model, probe_accuracies
 from data2vec.tokenizer import TextTokenizer
-from data2vec.train import train
+from data2vec.training import train
 
 FAMILIES: dict[str, str] = {
     "text processing": "string re textwrap difflib codecs encodings stringprep locale gettext shlex pprint reprlib",

@@ -74,9 +74,10 @@ class Dist:
         if self.enabled and self.rank > 0:
             torch.manual_seed(seed + 1_000_003 * self.rank)
 
-    def wrap(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
         """The module the training step calls: `model` itself, a DDP wrapper or (FSDP) `model`
-        sharded in place."""
+        sharded in place. `find_unused_parameters`: some parameters may get no gradient in a step
+        (blocks skipped by LayerDrop; a joint model's other modalities)."""
         if not self.enabled:
             return model
         if self.fsdp:
@@ -84,13 +85,11 @@ class Dist:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Blocks skipped by LayerDrop get no gradient on that rank in that step.
-        unused = cfg.model.encoder.layerdrop > 0
         return DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,
-            find_unused_parameters=unused,
+            find_unused_parameters=find_unused_parameters,
         )
 
     # ------------------------------------------------------------------ the step

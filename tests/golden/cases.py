@@ -194,7 +194,7 @@ def collapse_at_step(bad: int) -> Iterator[None]:
 
 def _single(make: Callable[[Path], RunConfig], **kw: Any) -> Callable[[Path], None]:
     def run(work: Path) -> None:
-        from data2vec.train import train
+        from data2vec.training import train
 
         train(make(work), work / "run", progress=False, quiet=True, **kw)
 
@@ -202,14 +202,14 @@ def _single(make: Callable[[Path], RunConfig], **kw: Any) -> Callable[[Path], No
 
 
 def _nan(work: Path) -> None:
-    from data2vec.train import train
+    from data2vec.training import train
 
     with poisoned_gradient(call=3):
         train(image(1, "train.on_nan=skip"), work / "run", progress=False, quiet=True)
 
 
 def _rewind(work: Path) -> None:
-    from data2vec.train import train
+    from data2vec.training import train
 
     cfg = image(
         2,
@@ -223,7 +223,7 @@ def _rewind(work: Path) -> None:
 
 
 def _stop_resume(work: Path) -> None:
-    from data2vec.train import train
+    from data2vec.training import train
 
     cfg = image(2, "model.encoder.dropout=0.1")
     train(cfg, work / "run", progress=False, quiet=True, stop_after=3)
@@ -232,9 +232,8 @@ def _stop_resume(work: Path) -> None:
 
 def _joint(step: str, stop: bool = False) -> Callable[[Path], None]:
     def run(work: Path) -> None:
-        from data2vec import joint as joint_module
+        from data2vec.training import train_joint
 
-        train_joint = joint_module.train_joint
         if stop:
             train_joint(joint(work, step), work / "run", progress=False, quiet=True, stop_after=3)
             train_joint(None, work / "run", resume=True, progress=False, quiet=True)
@@ -302,7 +301,7 @@ def record_old_run(dest: Path = OLD_RUN) -> None:
     """The run directory of `stop_resume` after its first invocation (stopped at step 3)."""
     import tempfile
 
-    from data2vec.train import train
+    from data2vec.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

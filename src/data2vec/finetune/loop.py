@@ -233,7 +233,7 @@ def finetune(
     vocab = letter_vocab([str(t) for t in train_set.targets]) if cfg.task == "audio_ctc" else []
     n_out = _num_outputs(cfg, train_set, vocab)
     model, rcfg = build_finetune_model(rcfg, weights, cfg, n_out)
-    from data2vec.train import resolve_device
+    from data2vec.training import resolve_device
 
     device = resolve_device(cfg.device)
     model.to(device)

@@ -9,6 +9,7 @@ DDP gradient all-reduce on all but the last backward of the step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from data2vec.config import RunConfig, TrainConfig
-from data2vec.data.images import BadInputError
-from data2vec.data.pipeline import PretrainBatch, build_pretrain_loader
+from data2vec.data.batch import PretrainBatch
+from data2vec.data.errors import BadInputError
+from data2vec.data.pipeline import build_pretrain_loader
 from data2vec.distributed import Dist
 from data2vec.joint import JointConfig, JointData2Vec, step_weights, steps_per_modality
 from data2vec.model import Batch
@@ -132,7 +134,7 @@ def backward_step(
         for _ in range(train.grad_accum):
             batch = next_batch(m)
             n += 1
-            with accumulating(n == total) if accumulating is not None else _nothing():
+            with accumulating(n == total) if accumulating is not None else contextlib.nullcontext():
                 with autocast(device, train.precision):
                     out = model(batch, m)
                 (out.loss * weight / train.grad_accum).backward()
@@ -141,12 +143,6 @@ def backward_step(
                 sums[k] = sums.get(k, 0.0) + float(v) / train.grad_accum
         metrics[m] = sums
     return metrics, samples
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def step_record(metrics: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:

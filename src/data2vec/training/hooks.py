@@ -1,0 +1,343 @@
+"""What happens after each optimizer step, besides the update: small hooks the engine calls in a
+fixed order (`build_hooks`). A hook may add to the step's record, write files, or return a
+`Decision` (stop, rewind, pause); the engine acts on the first decision and skips the hooks
+after it, so a collapsed step is never checkpointed.
+
+Each hook sees the run through a `RunContext` and the step through a `StepInfo`, so it can be
+tested on synthetic records without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from data2vec.checkpoint import Checkpoint, load_latest, save_checkpoint
+from data2vec.config import RunConfig, TrainConfig
+from data2vec.distributed import Dist
+from data2vec.model import Data2Vec
+from data2vec.probe import OnlineProbe
+from data2vec.training.plots import plot_loss_curve
+from data2vec.training.state import Learner, RunState
+
+HISTORY_LIMIT = 10_000
+"""`TrainResult.history` keeps at most this many of the newest metrics.jsonl rows."""
+LOCAL_STD_WARN = 0.05
+"""Below this `local_std` (after `train.collapse_after`) train.log gets one warning."""
+LOCAL_STD_REMEDY = "keep the local encoder at its initial weights with optim.local_lr_scale=0, or slow it down"
+
+
+@dataclass
+class RunContext:
+    """What the hooks share about the run."""
+
+    run_dir: Path
+    train: TrainConfig
+    state: RunState
+    log: Callable[[str], None]
+    dist: Dist = field(default_factory=Dist)
+    last_saved: int = 0
+    """The newest checkpoint's step (the checkpointer and rewinds move it)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """The newest rows written to metrics.jsonl (at most HISTORY_LIMIT)."""
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclass
+class StepInfo:
+    step: int
+    """Optimizer steps completed, this one included."""
+    record: dict[str, Any]
+    """The step's metrics.jsonl row, as far as it is built."""
+    groups: dict[str, dict[str, float]]
+    """Per modality ("" in a single-modality run): loss and model metrics, averaged across ranks."""
+    samples: int
+    """Samples this step, all ranks together."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["stop", "rewind", "pause"]
+    message: str
+    checkpoint: Checkpoint | None = None
+    """rewind: the checkpoint to go back to."""
+
+
+class Hook:
+    def after_step(self, info: StepInfo) -> Decision | None:
+        return None
+
+    def on_rewind(self, step: int) -> None:
+        """The run went back to `step` (after the engine restored that checkpoint)."""
+
+    def on_end(self, step: int) -> None:
+        """The run ends after `step` steps, finished or not (also on an exception)."""
+
+
+def _logging_step(step: int, train: TrainConfig) -> bool:
+    return step % train.log_every == 0 or step == train.steps
+
+
+# ----------------------------------------------------------------------------- the hooks
+
+
+class ProbeHook(Hook):
+    """The online probe: every `probe.every` steps, linear and kNN probes of frozen features
+    (probe.py), added to the record; one per modality in a joint run (keys suffixed `_<modality>`)."""
+
+    def __init__(self, ctx: RunContext, members: dict[str, tuple[RunConfig, Data2Vec]]) -> None:
+        self.ctx = ctx
+        self.members = {g: (cfg, model) for g, (cfg, model) in members.items() if cfg.probe.every > 0}
+        self.probes: dict[str, OnlineProbe] = {}
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        for g, (cfg, model) in self.members.items():
+            if info.step % cfg.probe.every:
+                continue
+            if g not in self.probes:  # the labelled sets are read on the first probe step
+                self.probes[g] = OnlineProbe(cfg, self.ctx.run_dir)
+            metrics = self.probes[g].update(model, info.step)
+            info.record.update({f"{k}_{g}" if g else k: v for k, v in metrics.items()})
+        return None
+
+    def on_end(self, step: int) -> None:
+        self.probes.clear()  # the labelled data goes with the run
+
+
+class MetricsLog(Hook):
+    """metrics.jsonl: one row per `train.log_every` steps (and the last), with samples_per_sec;
+    the same rows, the newest HISTORY_LIMIT, in `ctx.history`. A rewind drops the abandoned rows."""
+
+    def __init__(self, ctx: RunContext, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.ctx, self.clock = ctx, clock
+        self.t_last, self.samples = clock(), 0
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        self.samples += info.samples
+        if not _logging_step(info.step, self.ctx.train):
+            return None
+        now = self.clock()
+        info.record["samples_per_sec"] = self.samples / max(now - self.t_last, 1e-9)
+        self.t_last, self.samples = now, 0
+        if self.ctx.dist.is_main:
+            with open(self.ctx.metrics_path, "a") as f:
+                f.write(json.dumps(info.record) + "\n")
+        self.ctx.history.append(info.record)
+        del self.ctx.history[:-HISTORY_LIMIT]
+        return None
+
+    def on_rewind(self, step: int) -> None:
+        if self.ctx.dist.is_main:
+            truncate_metrics(self.ctx.metrics_path, step)
+        self.ctx.history[:] = [r for r in self.ctx.history if r["step"] <= step]
+
+
+class ProgressBar(Hook):
+    def __init__(self, ctx: RunContext, start: int, enabled: bool) -> None:
+        self.bar = tqdm(total=ctx.train.steps, initial=start, disable=not enabled, dynamic_ncols=True, unit="step")
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        r = info.record
+        if "samples_per_sec" in r:
+            label = {"modality": r["modality"]} if "modality" in r else {}
+            self.bar.set_postfix(
+                **label, loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tgt_std=f"{r['target_std']:.3f}"
+            )
+        self.bar.update(1)
+        return None
+
+    def on_rewind(self, step: int) -> None:
+        self.bar.reset(total=self.bar.total)
+        self.bar.update(step)
+
+    def on_end(self, step: int) -> None:
+        self.bar.close()
+
+
+def low_local_std(metrics: dict[str, float], threshold: float) -> bool:
+    """The local-encoder collapse check: `local_std` (when the step logged one) under a positive
+    threshold."""
+    return threshold > 0 and metrics.get("local_std", math.inf) < threshold
+
+
+def local_std_warning(step: int, value: float) -> str:
+    return (
+        f"warning: local_std {value:.4f} at step {step} (0.5-1 at init): the local encoder "
+        f"(CNN / patch or token embedding) emits nearly one vector for every token, a shortcut the "
+        f"instance-normed targets hide from target_std; {LOCAL_STD_REMEDY} (train.min_local_std > 0 stops on it)"
+    )
+
+
+class LocalStdWarning(Hook):
+    """One train.log warning per modality when `local_std` falls under LOCAL_STD_WARN."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.warned: set[str] = set()
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        if info.step <= self.ctx.train.collapse_after:
+            return None
+        for g, ms in info.groups.items():
+            if g not in self.warned and low_local_std(ms, LOCAL_STD_WARN):
+                msg = local_std_warning(info.step, ms["local_std"])
+                self.ctx.log(f"{g}: {msg}" if g else msg)
+                self.warned.add(g)
+        return None
+
+
+def collapse_message(step: int, group: str, ms: dict[str, float], tc: TrainConfig) -> str | None:
+    """Why the step counts as a representation collapse, or None."""
+    local_low = low_local_std(ms, tc.min_local_std)
+    if not (ms["target_std"] < tc.min_target_std or ms["pred_std"] < tc.min_pred_std or local_low):
+        return None
+    what = (
+        f"representation collapse at step {step}{f' ({group})' if group else ''}: target std "
+        f"{ms['target_std']:.4f} (min {tc.min_target_std}), prediction std {ms['pred_std']:.4f} (min {tc.min_pred_std})"
+    )
+    if local_low:
+        what += f", local std {ms['local_std']:.4f} (min {tc.min_local_std}; {LOCAL_STD_REMEDY})"
+    return what
+
+
+class CollapseGuard(Hook):
+    """After `train.collapse_after` steps: a target, prediction or local-encoder std under its
+    threshold stops the run, or (train.on_collapse=rewind, at most train.max_rewinds times) goes
+    back to the last checkpoint."""
+
+    def __init__(self, ctx: RunContext, load: Callable[[], Checkpoint | None]) -> None:
+        self.ctx, self.load = ctx, load
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        tc = self.ctx.train
+        if info.step <= tc.collapse_after:
+            return None
+        what = next((m for g, ms in info.groups.items() if (m := collapse_message(info.step, g, ms, tc))), None)
+        if what is None:
+            return None
+        if tc.on_collapse == "rewind" and self.ctx.state.rewinds < tc.max_rewinds:
+            good = self.load()
+            if good is not None:
+                return Decision("rewind", what, good)
+        return Decision(
+            "stop",
+            f"{what}. Stopped without saving; the last good checkpoint is step {self.ctx.last_saved} in "
+            f"{self.ctx.run_dir}. Try a lower optim.lr, a slower teacher (teacher.decay closer to 1), "
+            "or train.on_collapse=rewind.",
+        )
+
+
+class Checkpointer(Hook):
+    """A checkpoint every `train.ckpt_every` steps, at the end, and at `stop_after` (then: pause);
+    loss.png redrawn with each."""
+
+    def __init__(
+        self, ctx: RunContext, learner: Learner, config: dict[str, Any], stop_after: int | None = None
+    ) -> None:
+        self.ctx, self.learner, self.config, self.stop_after = ctx, learner, config, stop_after
+
+    def save(self, step: int) -> None:
+        """Checkpoint `step` (collective: every rank calls it; rank 0 writes)."""
+        ctx = self.ctx
+        student, teacher, state = self.learner.snapshot(step, ctx.state)
+        if ctx.dist.is_main:
+            path = save_checkpoint(
+                ctx.run_dir, step, student, teacher, self.config, state, keep_last=ctx.train.keep_last
+            )
+            ctx.log(f"saved checkpoint {path}")
+        ctx.dist.barrier()  # nobody reads or rewinds to a checkpoint before it is complete
+        ctx.last_saved = step
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        tc, step = self.ctx.train, info.step
+        stopping = self.stop_after is not None and step >= self.stop_after
+        if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
+            self.save(step)
+            if self.ctx.dist.is_main:
+                plot_loss_curve(self.ctx.metrics_path, self.ctx.run_dir / "loss.png")
+        if stopping and step < tc.steps:
+            return Decision(
+                "pause", f"stopping after step {step} as asked (--stop-after); resume with --resume {self.ctx.run_dir}"
+            )
+        return None
+
+    def latest(self) -> Checkpoint | None:
+        return load_latest(self.ctx.run_dir, map_location=self.learner.device)
+
+
+class Summary(Hook):
+    """summary.json at the end of every invocation, and the skipped-input and skipped-step report."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def on_end(self, step: int) -> None:
+        ctx, state = self.ctx, self.ctx.state
+        if ctx.dist.is_main:
+            write_summary(ctx.run_dir, step, state)
+        if state.skipped_inputs:
+            unique = sorted(set(state.skipped_inputs))
+            ctx.log(f"skipped {len(unique)} bad input(s):\n  " + "\n  ".join(unique))
+        if state.nan_skipped:
+            ctx.log(f"skipped {state.nan_skipped} step(s) with a non-finite loss or gradient")
+
+
+def build_hooks(
+    ctx: RunContext,
+    learner: Learner,
+    config: dict[str, Any],
+    members: dict[str, tuple[RunConfig, Data2Vec]],
+    *,
+    start: int,
+    progress: bool,
+    stop_after: int | None,
+) -> tuple[list[Hook], Checkpointer]:
+    """The hooks of a run, in the order they run after each step (and the checkpointer, which
+    the engine also calls to save on a bad input). `members`: the model per modality, for probes."""
+    checkpointer = Checkpointer(ctx, learner, config, stop_after)
+    hooks: list[Hook] = [
+        ProbeHook(ctx, members),  # adds probe_* to the record, so it runs before the record is written
+        MetricsLog(ctx),
+        ProgressBar(ctx, start, progress and ctx.dist.is_main),
+        LocalStdWarning(ctx),
+        CollapseGuard(ctx, checkpointer.latest),  # before the checkpointer: a collapsed step is never saved
+        checkpointer,
+        Summary(ctx),
+    ]
+    return hooks, checkpointer
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+def truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (we are resuming or rewinding to it)."""
+    if not metrics_path.exists():
+        return
+    if step == 0:
+        metrics_path.unlink()
+        return
+    lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    metrics_path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def write_summary(run_dir: Path, step: int, state: RunState) -> None:
+    summary = {
+        "step": step,
+        "skipped_inputs": len(set(state.skipped_inputs)),
+        "skipped_input_files": sorted(set(state.skipped_inputs)),
+        "nan_skipped_steps": state.nan_skipped,
+        "rewinds": state.rewinds,
+        "lr_scale": state.lr_scale,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
