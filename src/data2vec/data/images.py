@@ -29,8 +29,7 @@ import torch
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch import Tensor
 
-# re-export for train.py/joint.py until the engine refactor
-from data2vec.data.errors import BadInputError as BadInputError
+from data2vec.data.errors import BadInputError
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

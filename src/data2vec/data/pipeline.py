@@ -10,8 +10,6 @@ from typing import Protocol
 from data2vec.config import RunConfig
 from data2vec.data.audio import AudioPipeline
 
-# re-export for train.py/joint.py until the engine refactor
-from data2vec.data.batch import PretrainBatch as PretrainBatch
 from data2vec.data.image_pipeline import ImagePipeline
 from data2vec.data.text import TextPipeline
 
