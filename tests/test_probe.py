@@ -105,14 +105,14 @@ def _probe_config() -> RunConfig:
     )
 
 
-def test_online_probe_cache_keeps_one_run_and_can_be_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_hook_reads_the_sets_once_and_drops_them_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import gc
     import weakref
 
-    import data2vec.probe as probe
+    import data2vec.training.hooks as hooks
 
-    monkeypatch.setattr(probe, "OnlineProbe", _FakeProbe)
-    cfg = _probe_config()
     made: list[weakref.ref[_FakeProbe]] = []
     real_init = _FakeProbe.__init__
 
@@ -121,31 +121,29 @@ def test_online_probe_cache_keeps_one_run_and_can_be_cleared(tmp_path: Path, mon
         made.append(weakref.ref(self))
 
     monkeypatch.setattr(_FakeProbe, "__init__", tracking_init)
-    for run in ("a", "b"):
-        (tmp_path / run).mkdir()
-    assert probe.online_probe(cfg, tmp_path / "a", None, 1) == {"probe_knn_layer1": 0.5}
-    probe.online_probe(cfg, tmp_path / "a", None, 2)
+    monkeypatch.setattr(hooks, "OnlineProbe", _FakeProbe)
+    cfg = _probe_config()
+    ctx = hooks.RunContext(tmp_path, cfg.train, hooks.RunState(), lambda _: None)
+    hook = hooks.ProbeHook(ctx, {"": (cfg, None)})  # type: ignore[dict-item]
+    for step in (1, 2):
+        info = hooks.StepInfo(step, {"step": step}, {}, 1)
+        hook.after_step(info)
+        assert info.record["probe_knn_layer1"] == 0.5
     assert len(made) == 1  # the labelled sets are read once per run
-    probe.online_probe(cfg, tmp_path / "b", None, 1)
+    hook.on_end(2)
     gc.collect()
-    assert made[0]() is None  # the first run's probe (and its data) is gone
-    assert made[1]() is not None
-    probe.clear_online_probes()
-    gc.collect()
-    assert made[1]() is None
+    assert made[0]() is None  # the run's probe (and its data) is gone with the run
 
 
 def test_online_probe_plots_on_the_main_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import data2vec.probe as probe
-
-    monkeypatch.setattr(probe, "OnlineProbe", _FakeProbe)
     cfg = _probe_config()
+    probe = _FakeProbe(cfg, tmp_path)
     monkeypatch.setenv("RANK", "1")  # a torchrun worker other than rank 0 (no process group here)
-    try:
-        assert probe.online_probe(cfg, tmp_path, None, 1) == {"probe_knn_layer1": 0.5}
-        assert not (tmp_path / "probe.png").exists()
-        monkeypatch.setenv("RANK", "0")
-        probe.online_probe(cfg, tmp_path, None, 2)
-        assert (tmp_path / "probe.png").stat().st_size > 0
-    finally:
-        probe.clear_online_probes()
+    assert probe.update(None, 1) == {"probe_knn_layer1": 0.5}  # type: ignore[arg-type]
+    assert not (tmp_path / "probe.png").exists()
+    monkeypatch.setenv("RANK", "0")
+    probe.update(None, 2)  # type: ignore[arg-type]
+    assert (tmp_path / "probe.png").stat().st_size > 0
+    # a joint run's member: suffixed keys, its own plot
+    assert probe.update(None, 3, "text") == {"probe_knn_layer1_text": 0.5}  # type: ignore[arg-type]
+    assert (tmp_path / "probe_text.png").stat().st_size > 0

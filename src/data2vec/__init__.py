@@ -4,6 +4,9 @@
 >>> cfg = preset("image-tiny", version=2)
 """
 
+# Load the `data2vec.train` module (the old import path) before binding the name `train` to the
+# function: importing the module later would otherwise rebind `data2vec.train` to the module.
+import data2vec.train as _train_module  # noqa: F401
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.model import Batch, Data2Vec, StepOutput
 from data2vec.presets import PRESETS, preset

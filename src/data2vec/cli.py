@@ -132,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue pretraining a pretrained model (run directory, checkpoint, pretrained folder, "
         "transformers or fairseq checkpoint): modality, architecture and preset come from it, the teacher "
-        "starts as a copy of it and the head/decoder is fresh; --set still changes training settings",
+        "starts as a copy of it and the head/decoder is fresh; --set still changes training settings. A joint "
+        "checkpoint: name the member with --modality M. Joint runs (--modality image,audio,...): each member "
+        "the source holds is loaded (a joint source, or a one-modality model for its modality)",
     )
 
     demo = sub.add_parser("demo", help="pretrain a tiny model on built-in data and probe it")
@@ -332,13 +334,8 @@ def _pretrain(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     "init: --init takes the preset and architecture from the checkpoint; drop --preset/--config"
                 )
-            try:
-                init = load_pretrained(args.init)
-            except ModalityRequired:  # a resumed run re-reads --init by its path alone: one modality per source
-                raise ConfigError(
-                    f"init: {args.init} is a joint checkpoint; --init takes a one-modality model: write one with "
-                    f"`data2vec convert {args.init} OUT --modality M` and pass --init OUT"
-                ) from None
+            # A joint source gives the member --modality names (ModalityRequired says so otherwise).
+            init = load_pretrained(args.init, args.modality)
             cfg = resolve_init_config(args, init.config)
         else:
             cfg = resolve_pretrain_config(args)
@@ -393,8 +390,6 @@ def _pretrain_joint(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
-        if args.init:
-            raise ConfigError("init: --init is not available for joint pretraining")
         mods = [m.strip() for m in (args.modality or "").split(",") if m.strip()]
         for m in mods:
             if m not in MODALITIES:
@@ -423,7 +418,9 @@ def _pretrain_joint(args: argparse.Namespace) -> int:
             if not cfg.section(m).data.path:
                 raise ConfigError(f"data: no data for {m} (pass --data {m}=PATH)")
         _checking_data(lambda: check_joint_data(cfg))  # fail now, in one line, on missing or empty data
-        result = train_joint(cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after)
+        result = train_joint(
+            cfg, Path(args.out), progress=not args.no_progress, stop_after=args.stop_after, init=args.init
+        )
     counts = ", ".join(f"{m} {n}" for m, n in result.steps_per_modality.items())
     print(f"finished at step {result.step} ({counts}); checkpoints in {result.run_dir / 'checkpoints'}")
     return 0

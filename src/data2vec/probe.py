@@ -126,8 +126,8 @@ class OnlineProbe:
     """Probes of the student during pretraining (`RunConfig.probe`): the labelled sets are read
     once, when it is made; every `probe.every` steps their features are extracted (eval mode, no
     masking) and linear-probe and kNN accuracies are returned as `probe_*` metrics (`__call__`),
-    which `update` also plots to RUN_DIR/probe.png. One per run: whoever runs the training loop
-    owns it and drops it when the run ends."""
+    which `update` also plots to RUN_DIR/probe.png. The training engine's probe hook makes one
+    per run (per modality in a joint run) and drops it when the run ends: no process-wide cache."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -150,42 +150,26 @@ class OnlineProbe:
         result = layer_probes(tr, self.train_y, te, self.test_y, average=pc.average_layers, knn_k=pc.knn_k)
         return {f"probe_{k}": v for k, v in result.items()}
 
-    def update(self, model: Data2Vec, step: int) -> dict[str, float]:
+    def update(self, model: Data2Vec, step: int, member: str = "") -> dict[str, float]:
         """`self(model, step)`, and probe.png redrawn from metrics.jsonl by the main process only
-        (under torchrun every rank computes the metrics: the model may be sharded)."""
+        (under torchrun every rank computes the metrics: the model may be sharded). `member`: a
+        joint run's modality, whose keys get the suffix `_<member>` and whose plot is
+        probe_<member>.png."""
         metrics = self(model, step)
+        suffix = f"_{member}" if member else ""
+        metrics = {k + suffix: v for k, v in metrics.items()}
         if metrics and is_main_process():
             run = self.run_dir
-            plot_probes(run / "metrics.jsonl", run / "probe.png", {"step": step, **metrics})
+            out = run / f"probe{suffix}.png"
+            plot_probes(run / "metrics.jsonl", out, {"step": step, **metrics}, suffix=suffix)
         return metrics
 
 
-_ONLINE: dict[str, tuple[RunConfig, OnlineProbe]] = {}
-"""`online_probe`'s probe: at most one, the current run's (by resolved run directory)."""
-
-
-def clear_online_probes() -> None:
-    """Drop the probe `online_probe` keeps (and the labelled data it holds); call when a run ends."""
-    _ONLINE.clear()
-
-
-def online_probe(cfg: RunConfig, run_dir: Path, model: Data2Vec, step: int) -> dict[str, float]:
-    """The training loop's hook: {} when `cfg.probe` is off or `step` is not a probe step, else
-    the `probe_*` metrics, with probe.png redrawn (main process only). The labelled sets are read
-    on the first call of a run; only the latest run's probe is kept (`clear_online_probes` drops
-    it), so a new run directory or config releases the previous run's data."""
-    if cfg.probe.every <= 0 or step % cfg.probe.every != 0:
-        return {}
-    key = str(Path(run_dir).resolve())
-    cached = _ONLINE.get(key)
-    if cached is None or cached[0] != cfg:
-        _ONLINE.clear()  # before reading the new sets: never two runs' data at once
-        cached = _ONLINE[key] = (cfg, OnlineProbe(cfg, run_dir))
-    return cached[1].update(model, step)
-
-
-def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None) -> None:
-    """probe_* accuracies against step, from metrics.jsonl (plus `latest`, not yet written there)."""
+def plot_probes(
+    metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None, suffix: str = ""
+) -> None:
+    """probe_* accuracies against step, from metrics.jsonl (plus `latest`, not yet written there);
+    with `suffix`, only the probe_*<suffix> ones (one member of a joint run)."""
     import json
 
     import matplotlib
@@ -196,16 +180,20 @@ def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | Non
     rows = []
     if metrics_path.exists():
         rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if any(k.startswith("probe_") for k in r)]
+    def probed(k: str) -> bool:
+        return k.startswith("probe_") and k.endswith(suffix)
+
+    rows = [r for r in rows if any(probed(k) for k in r)]
     if latest is not None:
         rows.append(dict(latest))
     if not rows:
         return
-    names = sorted({k for r in rows for k in r if k.startswith("probe_")})
+    names = sorted({k for r in rows for k in r if probed(k)})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in names:
         pts = [(r["step"], r[name]) for r in rows if name in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name.removeprefix("probe_"))
+        label = name.removeprefix("probe_").removesuffix(suffix) if suffix else name.removeprefix("probe_")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xlabel("pretraining step")
     ax.set_ylabel("probe accuracy")
     ax.legend(fontsize=7)

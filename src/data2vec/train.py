@@ -12,6 +12,7 @@ from data2vec.training import (
     resolve_device,
     resume,
     train,
+    train_joint,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "resolve_device",
     "resume",
     "train",
+    "train_joint",
 ]

@@ -86,6 +86,10 @@ class JointConfig:
                     f"{m}.model.encoder: differs from {first}.model.encoder; the Transformer is shared, "
                     "so every modality needs the same encoder settings"
                 )
+            if cfg.probe.every % self.train.log_every:
+                raise ConfigError(
+                    f"{m}.probe.every: {cfg.probe.every} is not a multiple of train.log_every {self.train.log_every}"
+                )
             ratio = getattr(self.ratios, m)
             if not (ratio > 0 and math.isfinite(ratio)):
                 raise ConfigError(f"ratios.{m}: must be positive (got {ratio})")

@@ -93,7 +93,8 @@ def _logging_step(step: int, train: TrainConfig) -> bool:
 
 class ProbeHook(Hook):
     """The online probe: every `probe.every` steps, linear and kNN probes of frozen features
-    (probe.py), added to the record; one per modality in a joint run (keys suffixed `_<modality>`)."""
+    (probe.py), added to the record; one per modality in a joint run (keys suffixed `_<modality>`,
+    plotted to probe_<modality>.png)."""
 
     def __init__(self, ctx: RunContext, members: dict[str, tuple[RunConfig, Data2Vec]]) -> None:
         self.ctx = ctx
@@ -106,8 +107,7 @@ class ProbeHook(Hook):
                 continue
             if g not in self.probes:  # the labelled sets are read on the first probe step
                 self.probes[g] = OnlineProbe(cfg, self.ctx.run_dir)
-            metrics = self.probes[g].update(model, info.step)
-            info.record.update({f"{k}_{g}" if g else k: v for k, v in metrics.items()})
+            info.record.update(self.probes[g].update(model, info.step, g))
         return None
 
     def on_end(self, step: int) -> None:

@@ -18,6 +18,7 @@ from data2vec.config import ConfigError, RunConfig, to_dict
 from data2vec.joint import JointConfig, JointData2Vec
 from data2vec.model import Data2Vec
 from data2vec.pretrained import Pretrained, load_encoder_weights, load_pretrained
+from data2vec.tokenizer import TextTokenizer
 
 INIT_RECORD = "init.json"
 
@@ -67,6 +68,19 @@ def init_from(
     return pre, load_encoder_weights(model, pre)
 
 
+def check_same_tokenizer(pre: Pretrained, cfg: RunConfig) -> None:
+    """Refuse a text source whose tokenizer's vocabulary differs from the run's: its token
+    embeddings would be read with the wrong ids."""
+    theirs, ours = pre.config.data.text.tokenizer, cfg.data.text.tokenizer
+    if not (theirs and ours and Path(theirs).exists()):
+        return
+    if TextTokenizer.load(theirs).tok.get_vocab(True) != TextTokenizer.load(ours).tok.get_vocab(True):
+        raise ConfigError(
+            f"text.data.text.tokenizer: --init source {pre.source} was trained with {theirs}, whose vocabulary "
+            f"differs from this run's ({ours}); set text.data.text.tokenizer={theirs}"
+        )
+
+
 def init_joint(model: JointData2Vec, cfg: JointConfig, source: str | Path) -> list[tuple[Pretrained, list[str]]]:
     """`init_from` for each of the joint model's modalities that `source` holds (architecture
     checked per member); at least one must be there."""
@@ -78,6 +92,8 @@ def init_joint(model: JointData2Vec, cfg: JointConfig, source: str | Path) -> li
             missing.append(f"{m} ({e})")
             continue
         check_init_config(pre.config, cfg.member(m))
+        if m == "text":
+            check_same_tokenizer(pre, cfg.member(m))
         loaded.append(init_from(model.member(m), pre))
     if not loaded:
         raise ConfigError(f"init: {source} holds none of this run's modalities: {'; '.join(missing)}")
