@@ -78,7 +78,7 @@ def test_conv_output_length_matches_the_cnn(length: int) -> None:
 
 
 def test_official_cnn_frame_counts() -> None:
-    # 25 ms receptive field, 20 ms hop: a 20 s crop gives 999 frames (SPEC 2.2).
+    # 25 ms receptive field, 20 ms hop: a 20 s crop gives 999 frames (docs/design.md, 'Front-ends').
     assert conv_output_length(320_000, FULL_CONV) == 999
     assert conv_output_length(400, FULL_CONV) == 1
     assert conv_output_length(399, FULL_CONV) == 0
@@ -163,7 +163,7 @@ def test_span_mask_counts_and_valid_lengths() -> None:
 
 
 def test_span_mask_covers_about_half_at_full_length() -> None:
-    # fairseq: p=0.65, length 10 masks ~49% of a 999-frame utterance (SPEC 2.2).
+    # fairseq: p=0.65, length 10 masks ~49% of a 999-frame utterance (docs/design.md, 'Masking').
     g = torch.Generator().manual_seed(0)
     ratios = [span_mask(8, 999, 0.65, generator=g, mask_length=10).float().mean().item() for _ in range(25)]
     assert 0.45 < sum(ratios) / len(ratios) < 0.50
@@ -186,7 +186,7 @@ def test_span_mask_is_made_of_spans() -> None:
 def test_block_mask_1d_exact_counts() -> None:
     g = torch.Generator().manual_seed(0)
     mask = block_mask_1d(6, 999, 0.5, generator=g, mask_length=5, mask_prob_adjust=0.05)
-    assert mask.sum(1).tolist() == [499] * 6  # int(0.5 * 999), SPEC 3.4
+    assert mask.sum(1).tolist() == [499] * 6  # int(0.5 * 999), docs/design.md 'Masking'
     valid = torch.tensor([999, 400, 777])
     mask = block_mask_1d(3, 999, 0.55, generator=g, mask_length=5, mask_prob_adjust=0.1, valid_lengths=valid)
     assert mask.sum(1).tolist() == [int(400 * 0.55)] * 3

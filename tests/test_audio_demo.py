@@ -15,7 +15,7 @@ from data2vec.cli import main  # noqa: E402
 from data2vec.demo import DEMOS  # noqa: E402
 from data2vec.demo_audio import COMMANDS, SynthSpec, cache_root, log_mel, mel_filterbank, probe_set, synthesize  # noqa: E402
 
-SPEC = SynthSpec(sentences=6, train_voices=2, test_voices=1)
+SMALL_SET = SynthSpec(sentences=6, train_voices=2, test_voices=1)
 
 SHRINK = [
     "model.encoder.dim=32",
@@ -33,7 +33,7 @@ SHRINK = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthesize(SPEC, tmp_path_factory.mktemp("cache"), quiet=True)
+    return synthesize(SMALL_SET, tmp_path_factory.mktemp("cache"), quiet=True)
 
 
 def test_synthesis_is_cached_and_deterministic(corpus: Path, tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_audio_demo_runs_and_reports(
 
     assert DEMOS["audio"] == "data2vec.demo_audio:run_demo"
     # The CLI path, with the small synthesis set swapped in for the default one.
-    monkeypatch.setattr(demo_audio, "SynthSpec", lambda: SPEC)
+    monkeypatch.setattr(demo_audio, "SynthSpec", lambda: SMALL_SET)
     monkeypatch.setattr(demo_audio, "cache_root", lambda: corpus.parent)
     sets = [a for s in SHRINK for a in ("--set", s)]
     out = tmp_path / "demo"

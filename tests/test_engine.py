@@ -87,7 +87,8 @@ class FakeObjective:
         loss.backward()
         target_std = 0.0 if step in self.collapse_at else 1.0
         self.collapse_at.discard(step)
-        return StepOutcome({"": {"loss": float(loss.detach()), "target_std": target_std, "pred_std": 1.0}}, {"": 1.0}, 4)
+        metrics = {"loss": float(loss.detach()), "target_std": target_std, "pred_std": 1.0}
+        return StepOutcome({"": metrics}, {"": 1.0}, 4)
 
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return dict(groups[""])

@@ -8,7 +8,8 @@ row-major order for images.
 Data2vec 2.0 drops masked tokens before the encoder and packs the rest densely, which
 needs the same number of masked tokens in every row. `block_mask_2d`, `block_mask_1d`,
 `span_mask` and `random_mask` guarantee that; `mask_to_indices` checks it. Masks are drawn
-after any cropping, for the final token count (SPEC 6.3).
+after any cropping, for the final token count (docs/design.md, 'Departures from the official
+code').
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class Data2Vec(nn.Module):
         )
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> StepOutput:
-        """One pretraining objective evaluation (SPEC 2.1 / 3.3)."""
+        """One pretraining objective evaluation (docs/design.md, 'The objective, step by step')."""
         if batch.mask is None:
             if generator is None:  # follow the global seed, but never the same masks twice
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))

@@ -1,4 +1,5 @@
-"""Named configurations: the official data2vec numbers (SPEC 2.3, 3.7) and CPU-sized ones.
+"""Named configurations: the official data2vec numbers and CPU-sized ones (docs/design.md,
+'Presets and their numbers').
 
 `preset(name, version)` returns a `RunConfig`. Per-process batch sizes are the official
 per-GPU ones; step counts are the official update counts. Only numbers live here.

@@ -1,10 +1,11 @@
-"""Speech presets: the official data2vec numbers (SPEC 2.2, 3.7) and CPU-sized ones.
+"""Speech presets: the official data2vec numbers and CPU-sized ones (docs/design.md, 'Presets and
+their numbers').
 
 - `audio-base` 1.0: fairseq `config/audio/pretraining/base_librispeech.yaml`.
 - `audio-base` / `audio-large` 2.0: `config/v2/base_audio_only_task.yaml`,
   `large_audio_only_task.yaml` (data2vec_multi).
-- No official data2vec 1.0 Large speech config exists (SPEC 2.2), so `audio-large` has only
-  the 2.0 variant.
+- No official data2vec 1.0 Large speech config exists (fairseq has only Base), so
+  `audio-large` has only the 2.0 variant.
 
 Batches are in seconds of 16 kHz audio per process: fairseq's per-GPU `max_tokens`
 divided by 16,000. Differences from the official recipes: the learning-rate schedule is

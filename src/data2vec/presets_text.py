@@ -1,4 +1,5 @@
-"""Text presets: the official data2vec numbers (SPEC 2.4, 3.5-3.7) and CPU-sized ones.
+"""Text presets: the official data2vec numbers and CPU-sized ones (docs/design.md, 'Presets and
+their numbers').
 
 - `text-base` 1.0: fairseq `config/text/pretraining/base.yaml` (`data2vec_text`): RoBERTa-base,
   spans of 4 tokens on 35% (all <mask>), Smooth-L1 beta 4, K = 10, 2-layer head. The paper's
@@ -7,8 +8,8 @@
 - `text-base` / `text-large` 2.0: `config/v2/base_text_only_task.yaml`,
   `large_text_only_task.yaml` (data2vec_multi): random masking 48% / 50%, M = 8, L2 loss
   with scale 1, a 5-layer kernel-9 conv decoder without residual.
-- No official data2vec 1.0 Large text config exists (SPEC 2.4), so `text-large` has only
-  the 2.0 variant.
+- No official data2vec 1.0 Large text config exists (fairseq has only Base), so
+  `text-large` has only the 2.0 variant.
 
 Official runs use a 50K BPE vocabulary; here the vocabulary comes from the run's tokenizer
 (trained on your corpus with `data.text.vocab_size` types, or loaded with

@@ -165,9 +165,7 @@ class OnlineProbe:
         return metrics
 
 
-def plot_probes(
-    metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None, suffix: str = ""
-) -> None:
+def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | None = None, suffix: str = "") -> None:
     """probe_* accuracies against step, from metrics.jsonl (plus `latest`, not yet written there);
     with `suffix`, only the probe_*<suffix> ones (one member of a joint run)."""
     import json
@@ -180,6 +178,7 @@ def plot_probes(
     rows = []
     if metrics_path.exists():
         rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+
     def probed(k: str) -> bool:
         return k.startswith("probe_") and k.endswith(suffix)
 

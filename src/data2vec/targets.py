@@ -1,4 +1,4 @@
-"""Teacher targets and the regression losses (data2vec 1.0 section 3.3, 2.0 section 3.6 of SPEC).
+"""Teacher targets and the regression losses (docs/design.md, 'Targets' and 'Loss').
 
 Targets are built in fp32 whatever precision the teacher ran in.
 """
@@ -52,7 +52,7 @@ def build_targets(
     final_norm: NormKind,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """Average of the top-K layer outputs, each normalised first (SPEC 7.3).
+    """Average of the top-K layer outputs, each normalised first (docs/design.md, 'Targets').
 
     Normalising each layer before the average stops the layers with the largest
     activations from dominating the target.

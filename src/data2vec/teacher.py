@@ -51,8 +51,8 @@ class EMATeacher(nn.Module):
         """teacher <- decay * teacher + (1 - decay) * student, for every floating parameter.
 
         Floating buffers are copied from the student; integer buffers (index tables) are
-        left alone: averaging them in floating point corrupts them (SPEC 6.3). At decay 1.0
-        the teacher is frozen and nothing happens.
+        left alone: averaging them in floating point corrupts them (docs/design.md, 'Departures
+        from the official code'). At decay 1.0 the teacher is frozen and nothing happens.
         """
         if set(student) != set(self.parts):
             raise ValueError(f"student parts {sorted(student)} != teacher parts {sorted(self.parts)}")

@@ -1,4 +1,5 @@
-"""Speech data: folders or manifests of audio files, batched by duration (SPEC 2.2, 3.7).
+"""Speech data: folders or manifests of audio files, batched by duration (docs/design.md, 'Presets
+and their numbers', and docs/audio.md).
 
 Sources:
 - a folder: every .wav, .flac and .ogg file under it, recursively (read with soundfile);

@@ -9,8 +9,9 @@ Sources give random access to decoded PIL images (plus an optional integer label
   never extracted.
 - `ArraySource`: images in a uint8 array (the built-in `builtin:digits`).
 
-`PretrainTransform` is the augmentation of SPEC 2.3 / 3.7 (RandomResizedCrop, horizontal
-flip, colour jitter), written with Pillow and driven by an explicit numpy generator.
+`PretrainTransform` is the augmentation of the official recipes (RandomResizedCrop, horizontal
+flip, colour jitter; docs/design.md, 'Presets and their numbers'), written with Pillow and
+driven by an explicit numpy generator.
 """
 
 from __future__ import annotations

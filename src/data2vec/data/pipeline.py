@@ -9,6 +9,7 @@ from typing import Protocol
 
 from data2vec.config import RunConfig
 from data2vec.data.audio import AudioPipeline
+from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pipeline import ImagePipeline
 from data2vec.data.text import TextPipeline
 

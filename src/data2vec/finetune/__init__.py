@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a pretrained encoder (SPEC section 4).
+"""Supervised fine-tuning of a pretrained encoder (recipes: docs/design.md, 'Fine-tuning recipes').
 
     from data2vec.finetune import finetune, finetune_preset
     cfg = finetune_preset("image_cls", epochs=10)

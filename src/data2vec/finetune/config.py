@@ -1,5 +1,5 @@
-"""What a fine-tuning run is: the task, its recipe (`FinetuneConfig`), the presets of SPEC
-section 4 and the metric that picks the best epoch."""
+"""What a fine-tuning run is: the task, its recipe (`FinetuneConfig`), the presets (docs/design.md,
+'Fine-tuning recipes') and the metric that picks the best epoch."""
 
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ class FinetuneConfig:
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    # SPEC 4.1 (v2 base): layer decay 0.65, drop-path 0.1, mixup 0.8 / cutmix 1.0, smoothing 0.1.
+    # data2vec 2.0 base recipe: layer decay 0.65, drop-path 0.1, cutmix 1.0, smoothing 0.1; mixup 0.8
+    # (the official 2.0 config uses 0.7). docs/design.md, 'Fine-tuning recipes'.
     "image_cls": dict(
         lr=1e-3,
         betas=(0.9, 0.95),
@@ -144,7 +145,8 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
         mix_prob=0.9,
     ),
     "audio_cls": dict(lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, layer_decay=0.75, mask_prob=0.2, mask_length=5),
-    # SPEC 4.2: CNN frozen, time masks 0.65 x 10, channel masks 0.25 x 64, Adam (0.9, 0.98).
+    # CTC recipe: CNN frozen, time masks 0.65 x 10, channel masks 0.25 x 64, Adam (0.9, 0.98).
+    # docs/design.md, 'Fine-tuning recipes'.
     "audio_ctc": dict(
         lr=5e-5,
         betas=(0.9, 0.98),
@@ -155,14 +157,15 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
         mask_channel_length=64,
         layerdrop=0.1,
     ),
-    # SPEC 4.3: Adam (0.9, 0.98), eps 1e-6, weight decay 0.1, 6% warm-up, lr 2e-5, 10 epochs.
+    # GLUE recipe: Adam (0.9, 0.98), eps 1e-6, weight decay 0.1, 6% warm-up, lr 2e-5, 10 epochs.
+    # docs/design.md, 'Fine-tuning recipes'.
     "text_cls": dict(lr=2e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_fraction=0.06),
     "text_reg": dict(lr=4e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_fraction=0.06, batch_size=16),
 }
 
 
 def finetune_preset(task: str, **changes: Any) -> FinetuneConfig:
-    """The recipe for `task` (SPEC section 4) with `changes` applied."""
+    """The recipe for `task` (docs/design.md, 'Fine-tuning recipes') with `changes` applied."""
     if task not in FINETUNE_PRESETS:
         raise ConfigError(f"task: {task!r} is not one of {', '.join(TASKS)}")
     return FinetuneConfig(task=task, **{**FINETUNE_PRESETS[task], **changes})  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Speech: the wav2vec 2.0 feature encoder, convolutional positions and ALiBi (SPEC 2.2, 3.2).
+"""Speech: the wav2vec 2.0 feature encoder, convolutional positions and ALiBi (docs/design.md,
+'Front-ends').
 
 `local` (shared with the teacher in both versions): 16 kHz waveform (B, L) -> 7-layer CNN
 (layer-norm mode, no bias) -> 50 Hz frames -> LayerNorm(512) -> Linear(512 -> D). Sample-level

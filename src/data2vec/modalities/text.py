@@ -1,4 +1,5 @@
-"""Text: RoBERTa-style token embeddings and data2vec's text masking (SPEC 2.4, 3.2, 3.4).
+"""Text: RoBERTa-style token embeddings and data2vec's text masking (docs/design.md, 'Front-ends'
+and 'Masking').
 
 `local` (shared with the teacher in both versions, `teacher.ema_scope="encoder"`):
 token ids (B, T) -> token embedding (padding_idx = <pad>, no scaling) + learned position
@@ -8,11 +9,12 @@ whose row is zero. So a sequence gets the same embeddings whatever padding surro
 
 `context`: only the embedding dropout (0.1 in the official configs). The teacher pass
 runs it with `clean=True`, so the teacher's input has no dropout noise: the official 2.0
-code feeds the teacher the student's dropped-out embeddings (SPEC 6.3); this does not.
+code feeds the teacher the student's dropped-out embeddings; this does not (docs/design.md,
+'Departures from the official code').
 
 Masking is drawn from the token ids, because special tokens (<s>, </s>, <pad>, <unk>,
 <mask>) are never masked and never in the loss (the official `random_masking` can mask
-them, SPEC 6.3):
+them; docs/design.md, 'Departures from the official code'):
 
 - 1.0 `bert`: select `int(p * n + U[0,1))` of the n maskable tokens of a row; of those,
   `1 - random_token_prob - leave_unmasked_prob` (80%) become <mask>, `random_token_prob`
