@@ -93,6 +93,9 @@ class FakeObjective:
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return dict(groups[""])
 
+    def close(self) -> None:
+        pass
+
 
 def _engine(
     tmp_path: Path,

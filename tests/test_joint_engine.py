@@ -270,3 +270,21 @@ def test_joint_torchrun_two_processes(tmp_path: Path) -> None:
     b = load_checkpoint(list_checkpoints(single.run_dir)[-1])
     for k, v in b.student.items():
         torch.testing.assert_close(a.student[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_finished_run_leaves_no_loader_workers(tmp_path: Path) -> None:
+    """The data loaders' worker processes end with the run, not whenever the garbage collector
+    finds them (which costs a 5 s timeout per loader)."""
+    import gc
+    import multiprocessing
+
+    cfg = tiny_joint(tmp_path, ("image", "text"), step="mixed", steps=2, ckpt_every=2)
+    cfg = apply_overrides(cfg, ["text.data.num_workers=1"])
+    gc.collect()
+    before = set(multiprocessing.active_children())
+    gc.disable()  # what a busy process looks like: no collection between the run and the check
+    try:
+        _quiet(cfg, tmp_path / "run")
+        assert set(multiprocessing.active_children()) == before
+    finally:
+        gc.enable()

@@ -51,6 +51,9 @@ class Objective(Protocol):
         """The step's metrics.jsonl fields from the (rank-averaged) groups; `loss` is the
         objective that was backpropagated."""
 
+    def close(self) -> None:
+        """Release the data loaders (their worker processes) now, when the run ends."""
+
 
 def next_batch(it: Iterator[PretrainBatch], skipped: list[str], on_bad_input: str) -> PretrainBatch:
     """The next non-empty batch; bad inputs are recorded in `skipped`, or raised under
@@ -83,6 +86,7 @@ class SingleObjective:
         self.notes: list[str] = []
 
     def seek(self, step: int) -> list[str]:
+        self.close()  # the old loader's workers go before the new ones start
         self.data, self.samples = build_pretrain_loader(
             self.cfg, step * self.cfg.train.grad_accum, self.dist.rank, self.dist.world_size
         )
@@ -107,6 +111,11 @@ class SingleObjective:
 
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return dict(groups[""])
+
+    def close(self) -> None:
+        # Dropping the last reference shuts the workers down at once; left to the garbage
+        # collector, each loader with workers costs a 5 s timeout.
+        self.data = iter(())
 
 
 PER_MODALITY_METRICS = ("loss", "target_std", "pred_std")
@@ -169,6 +178,7 @@ class JointObjective:
     def seek(self, step: int) -> list[str]:
         """One endless loader per modality, each at the micro-batch it had reached by `step`."""
         counts = steps_per_modality(self.cfg, step)
+        self.close()
         lines = []
         for m in self.cfg.modalities:
             member = self.cfg.member(m)
@@ -195,6 +205,9 @@ class JointObjective:
 
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return step_record(groups, weights)
+
+    def close(self) -> None:
+        self.loaders.clear()  # see SingleObjective.close
 
 
 def joint_model(step_model: nn.Module) -> JointData2Vec:

@@ -138,7 +138,10 @@ def run_engine(
     )
     s.learner.model.train()
     engine = Engine(s.learner, objective, hooks, checkpointer, s.ctx, s.cfg.optim, s.cfg.teacher)
-    return engine.run(s.start)
+    try:
+        return engine.run(s.start)
+    finally:
+        objective.close()
 
 
 def _batch_desc(cfg: RunConfig) -> str:
