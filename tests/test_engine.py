@@ -347,6 +347,7 @@ def test_hooks_run_in_a_fixed_order_and_the_first_decision_wins(tmp_path: Path) 
         "ProgressBar",
         "LocalStdWarning",
         "CollapseGuard",
+        "SignalStop",
         "Checkpointer",
         "Summary",
     ]

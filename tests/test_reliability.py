@@ -250,7 +250,8 @@ def test_sigkill_at_five_random_moments_then_resume_is_bit_identical(tmp_path: P
         args = (
             [*cmd, "--out", str(run)]
             if i == 0
-            else [sys.executable, "-m", "data2vec", "pretrain", "--resume", str(run), "--no-progress"]
+            # as a requeueing job script: --force-fresh, since a kill may come before the first checkpoint
+            else [sys.executable, "-m", "data2vec", "pretrain", "--resume", str(run), "--force-fresh", "--no-progress"]
         )
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _wait(lambda: (run / "config.json").exists(), 60)

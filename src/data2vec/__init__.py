@@ -10,7 +10,15 @@ import data2vec.train as _train_module  # noqa: F401
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.model import Batch, Data2Vec, StepOutput
 from data2vec.presets import PRESETS, preset
-from data2vec.training import JointTrainResult, TrainingStopped, TrainResult, resume, train, train_joint
+from data2vec.training import (
+    JointTrainResult,
+    TrainingInterrupted,
+    TrainingStopped,
+    TrainResult,
+    resume,
+    train,
+    train_joint,
+)
 
 __version__ = "0.1.0"
 
@@ -23,6 +31,7 @@ __all__ = [
     "RunConfig",
     "StepOutput",
     "TrainResult",
+    "TrainingInterrupted",
     "TrainingStopped",
     "apply_overrides",
     "preset",

@@ -11,8 +11,9 @@ Layout of one checkpoint, `RUN_DIR/checkpoints/step_00001000/`:
 
 A checkpoint is written into a temporary folder, every file is fsynced, and the folder
 is renamed into place, so a crash mid-save leaves at worst a stray temporary folder,
-never a half-written checkpoint. On load, the newest checkpoint whose manifest and
-checksums verify is used; a corrupt one is reported and skipped.
+never a half-written checkpoint. On resume, the newest checkpoint whose manifest and
+checksums verify is used (`select_resume`); one that does not verify is never deleted: it is moved
+to `checkpoints/set-aside/`, and rotation (`keep_last`) removes only checkpoints that verify.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Atomically write checkpoint `step` and delete all but the newest `keep_last`."""
+    """Atomically write checkpoint `step` and remove all but the newest `keep_last`: an older
+    checkpoint that verifies is deleted, one that does not is set aside (never deleted)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -146,8 +148,28 @@ def save_checkpoint(
             raise CheckpointError(f"could not write checkpoint {final}: {e}. The previous checkpoint is intact.") from e
         raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if verify_checkpoint(old) is None:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            set_aside(old)
     return final
+
+
+SET_ASIDE = "set-aside"
+
+
+def set_aside(path: Path) -> Path:
+    """Move a checkpoint that does not verify out of the way (`checkpoints/set-aside/`), where
+    neither resume nor rotation touches it; returns where it went."""
+    dest_root = path.parent / SET_ASIDE
+    dest_root.mkdir(exist_ok=True)
+    dest = dest_root / path.name
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_root / f"{path.name}.{n}"
+    os.replace(path, dest)
+    return dest
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -180,20 +202,37 @@ def verify_checkpoint(path: Path) -> str | None:
         if not file.is_file():
             return f"missing {name}"
         if _sha256(file) != manifest.get("sha256", {}).get(name):
-            return f"checksum mismatch in {name} (truncated or corrupt)"
+            return f"checksum mismatch: {name} does not match its SHA-256 in manifest.json (truncated or corrupt)"
     return None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load one checkpoint folder without unpickling any code."""
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
-    manifest = json.loads((path / "manifest.json").read_text())
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds: its manifest's, else its name's (step_00001000)."""
+    try:
+        return int(json.loads((path / "manifest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            return int(path.name.removeprefix("step_").split(".")[0])
+        except ValueError:
+            why = "no readable manifest.json, no step_N name"
+            raise CheckpointError(f"{path}: not a checkpoint folder ({why})") from None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, verify: bool = True) -> Checkpoint:
+    """Load one checkpoint folder without unpickling any code. `verify=False` skips the checksums
+    (never the safe loading)."""
+    if verify:
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}")
+    for name in FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+    step = checkpoint_step(path)
     state = safe_torch_load(path / "state.pt", map_location)
     return Checkpoint(
         path=path,
-        step=int(manifest["step"]),
+        step=step,
         student=load_file(str(path / "student.safetensors"), device=str(map_location)),
         teacher=load_file(str(path / "teacher.safetensors"), device=str(map_location)),
         config=json.loads((path / "config.json").read_text()),
@@ -210,6 +249,61 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any
             f"{path}: refused to load: it holds pickled objects other than tensors and plain containers "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+
+
+@dataclass
+class ResumeChoice:
+    """What a resume starts from: `path` (None: step 0), and the newer checkpoints that did not
+    verify (to be set aside, with the reason for each)."""
+
+    path: Path | None
+    verified: bool
+    rejected: list[tuple[Path, str]]
+
+
+RESUME_WAYS_OUT = (
+    "resume from a checkpoint you trust with --resume-from STEP_DIR, load the newest one without its "
+    "checksums with --ignore-checksums, or start over from step 0 with --force-fresh (every checkpoint is "
+    "kept in checkpoints/set-aside/)"
+)
+
+
+def select_resume(
+    run_dir: Path, *, resume_from: Path | None = None, ignore_checksums: bool = False, force_fresh: bool = False
+) -> ResumeChoice:
+    """Which checkpoint `--resume` continues from. Reads only; nothing is moved or deleted here.
+
+    `resume_from`: that checkpoint folder (verified unless `ignore_checksums`). Otherwise the newest
+    checkpoint that verifies; when none does: the newest one as it is with `ignore_checksums`, step 0
+    with `force_fresh`, else a CheckpointError naming each checkpoint and its problem."""
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        if not (resume_from / "manifest.json").is_file() and not (resume_from / "student.safetensors").is_file():
+            raise CheckpointError(f"{resume_from}: not a checkpoint folder (no manifest.json)")
+        problem = None if ignore_checksums else verify_checkpoint(resume_from)
+        if problem is not None:
+            raise CheckpointError(f"{resume_from}: {problem}; pass --ignore-checksums to load it as it is")
+        step = checkpoint_step(resume_from)
+        newer = [(p, f"newer than --resume-from {resume_from}") for p in list_checkpoints(run_dir)]
+        newer = [(p, why) for p, why in newer if checkpoint_step(p) >= step and p.resolve() != resume_from.resolve()]
+        return ResumeChoice(resume_from, not ignore_checksums, newer)
+    rejected: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return ResumeChoice(path, True, rejected)
+        rejected.append((path, problem))
+    if rejected and ignore_checksums:
+        return ResumeChoice(rejected[0][0], False, [])
+    if force_fresh:
+        return ResumeChoice(None, False, rejected)
+    if rejected:
+        found = "; ".join(f"{p}: {why}" for p, why in rejected)
+        raise CheckpointError(f"{run_dir}: no checkpoint verifies ({found}). Nothing was changed: {RESUME_WAYS_OUT}")
+    raise CheckpointError(
+        f"{run_dir}: no checkpoint to resume from yet. Pass --force-fresh to start it from step 0 "
+        "(a job script that requeues may always pass it: it never discards a checkpoint)"
+    )
 
 
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:

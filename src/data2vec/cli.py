@@ -11,8 +11,9 @@
     data2vec finetune --checkpoint RUN_DIR --task image_cls --train DIR --eval DIR --out FT_DIR [--set ...]
 
 Errors the library reports about what it was given (ConfigError, BadInputError, CheckpointError,
-InteropError, ...) are printed as one line (exit status 2); anything else is a bug and shows its
-traceback. `data2vec --debug COMMAND ...` shows the traceback of every error.
+InteropError, ...) are printed as one line (exit status 2); a training stop (collapse, non-finite
+loss) exits with 1; SIGTERM or SIGINT during pretraining checkpoints and exits with 75 (requeue);
+anything else is a bug and shows its traceback. `data2vec --debug COMMAND ...` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from data2vec.checkpoint import CheckpointError
 from data2vec.config import MODALITIES, ConfigError, RunConfig, apply_overrides
@@ -35,7 +36,7 @@ from data2vec.joint import is_joint
 from data2vec.presets import PRESETS, preset
 from data2vec.pretrained import ModalityRequired, build_model, load_pretrained
 from data2vec.tokenizer import TokenizerError
-from data2vec.training import TrainingStopped
+from data2vec.training import EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped
 
 T = TypeVar("T")
 
@@ -119,7 +120,28 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optim.lr=5e-4 (repeatable)",
     )
     pre.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, loss.png)")
-    pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    pre.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint that verifies (refused when none does)",
+    )
+    pre.add_argument(
+        "--resume-from",
+        metavar="STEP_DIR",
+        help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_N, or one in checkpoints/set-aside/); "
+        "newer checkpoints are set aside, never deleted",
+    )
+    pre.add_argument(
+        "--ignore-checksums",
+        action="store_true",
+        help="with --resume: when no checkpoint verifies, load the newest one as it is (nothing is deleted)",
+    )
+    pre.add_argument(
+        "--force-fresh",
+        action="store_true",
+        help="with --resume: when there is no checkpoint that verifies, start from step 0 (checkpoints that do "
+        "not verify are kept in checkpoints/set-aside/); safe for job scripts that always pass --resume",
+    )
     pre.add_argument(
         "--stop-after",
         type=int,
@@ -307,9 +329,40 @@ def resolve_init_config(args: argparse.Namespace, source: RunConfig) -> RunConfi
     return cfg
 
 
+def _run_dir_of(step_dir: Path) -> Path:
+    """The run directory holding checkpoint folder `step_dir` (checkpoints/step_N or
+    checkpoints/set-aside/step_N)."""
+    for parent in step_dir.resolve().parents:
+        if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
+            return parent
+    raise ConfigError(f"resume-from: {step_dir} is not inside a run directory; give the run with --resume RUN_DIR")
+
+
+def _check_resume_args(args: argparse.Namespace) -> None:
+    if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init or args.out:
+        raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
+
+
+def _resume_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "resume": True,
+        "progress": not args.no_progress,
+        "stop_after": args.stop_after,
+        "resume_from": args.resume_from,
+        "ignore_checksums": args.ignore_checksums,
+        "force_fresh": args.force_fresh,
+    }
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from data2vec.training import train
 
+    if args.resume_from and not args.resume:
+        if not Path(args.resume_from).is_dir():
+            raise FileNotFoundError(f"{args.resume_from}: no such checkpoint folder")
+        args.resume = str(_run_dir_of(Path(args.resume_from)))
+    if (args.ignore_checksums or args.force_fresh) and not args.resume:
+        raise ConfigError("--ignore-checksums and --force-fresh go with --resume RUN_DIR")
     if _is_joint_pretrain(args):
         return _pretrain_joint(args)
     if args.modality and args.modality not in MODALITIES:
@@ -320,11 +373,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         args.data = args.data[0]
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
-            raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
-        result = train(
-            RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress, stop_after=args.stop_after
-        )
+        _check_resume_args(args)
+        result = train(RunConfig(), Path(args.resume), **_resume_kwargs(args))
     else:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
@@ -383,10 +433,8 @@ def _pretrain_joint(args: argparse.Namespace) -> int:
     from data2vec.training import train_joint
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data or _flag_overrides(args) or args.init:
-            raise ConfigError("resume: --resume takes the config saved in the run directory; drop other options")
-        run = Path(args.resume)
-        result = train_joint(None, run, resume=True, progress=not args.no_progress, stop_after=args.stop_after)
+        _check_resume_args(args)
+        result = train_joint(None, Path(args.resume), **_resume_kwargs(args))
     else:
         if not args.out:
             raise ConfigError("out: give --out RUN_DIR")
@@ -524,6 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"data2vec: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if args.debug:
+            raise
+        print(f"data2vec: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingStopped as e:
         if args.debug:
             raise

@@ -116,6 +116,16 @@ class Dist:
         values = (t / self.world_size).tolist()
         return {k: float(v) for k, v in zip(keys, values, strict=True)}
 
+    def max_int(self, value: int) -> int:
+        """The largest `value` over ranks (e.g. whether any rank received a stop signal)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def grad_norm_value(self, norm: Tensor) -> float:
         """`clip_grad_norm_`'s result as a float (FSDP returns a DTensor)."""
         full = getattr(norm, "full_tensor", None)

@@ -53,6 +53,7 @@ from data2vec.data.batch import PretrainBatch, PretrainItem
 from data2vec.data.errors import BadInputError
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 from data2vec.data.sampling import batch_generator, sample_seed
+from data2vec.data.workers import ignore_stop_signals
 from data2vec.masking import masks_from_config
 from data2vec.modalities.audio import conv_output_length, conv_output_lengths
 
@@ -527,6 +528,7 @@ class AudioPipeline:
             batch_sampler=sampler,
             collate_fn=AudioCollate(cfg),
             num_workers=cfg.data.num_workers,
+            worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(cfg.train.seed),
             **loader_kwargs,
         )

@@ -16,6 +16,7 @@ from data2vec.data.batch import PretrainBatch, PretrainItem
 from data2vec.data.errors import BadInputError
 from data2vec.data.images import ImageSource, PretrainTransform, open_image_source
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
+from data2vec.data.workers import ignore_stop_signals
 from data2vec.masking import masks_from_config
 
 
@@ -93,6 +94,7 @@ def image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -
         batch_sampler=sampler,
         collate_fn=Collate(MaskMaker(cfg, icfg.grid)),
         num_workers=dcfg.num_workers,
+        worker_init_fn=ignore_stop_signals,
         # Its own generator, so creating the loader never draws from the global RNG
         # (which drives dropout and must replay exactly on resume).
         generator=torch.Generator().manual_seed(cfg.train.seed),

@@ -47,6 +47,7 @@ from data2vec.config import MaskingConfig, RunConfig, TextConfig, TextDataConfig
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.errors import BadInputError
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
+from data2vec.data.workers import ignore_stop_signals
 from data2vec.modalities.text import draw_text_masks
 from data2vec.tokenizer import TextTokenizer
 
@@ -445,6 +446,7 @@ class TextPipeline:
             batch_sampler=sampler,
             collate_fn=TextCollate(cfg.masking, tcfg, cfg.model.version),
             num_workers=dcfg.num_workers,
+            worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(cfg.train.seed),
             **loader_kwargs,
         )

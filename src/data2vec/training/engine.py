@@ -4,7 +4,7 @@ One optimizer step:
     learning rate from the schedule  ->  objective.forward_backward(step)  ->  metrics averaged
     across ranks  ->  gradient clipping  ->  the NaN policy  ->  optimizer.step()  ->  EMA update
     of the teacher with ema_decay(step + 1)  ->  the step's record  ->  the hooks, in order  ->
-    act on the first decision a hook returns (stop, rewind, pause).
+    act on the first decision a hook returns (stop, rewind, pause, interrupt).
 Schedules are pure functions of the step and the data position a pure function of the step, so
 a resumed or rewound run continues exactly where the checkpoint left it.
 """
@@ -22,7 +22,7 @@ from data2vec.schedules import cosine_lr, ema_decay
 from data2vec.training.hooks import Checkpointer, Decision, Hook, RunContext, StepInfo
 from data2vec.training.objectives import Objective
 from data2vec.training.optim import set_lr
-from data2vec.training.state import Learner, TrainingStopped
+from data2vec.training.state import Learner, TrainingInterrupted, TrainingStopped
 
 
 class Engine:
@@ -56,6 +56,8 @@ class Engine:
                     continue
                 if decision.action == "stop":
                     raise TrainingStopped(decision.message)
+                if decision.action == "interrupt":
+                    raise TrainingInterrupted(decision.message)
                 if decision.action == "pause":
                     self.ctx.log(decision.message)
                     break

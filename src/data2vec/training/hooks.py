@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 from tqdm import tqdm
@@ -24,8 +28,10 @@ from data2vec.config import RunConfig, TrainConfig
 from data2vec.distributed import Dist
 from data2vec.model import Data2Vec
 from data2vec.probe import OnlineProbe
-from data2vec.training.plots import plot_loss_curve
+from data2vec.training.plots import plot_loss_curve, read_metrics
 from data2vec.training.state import Learner, RunState
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 HISTORY_LIMIT = 10_000
 """`TrainResult.history` keeps at most this many of the newest metrics.jsonl rows."""
@@ -67,7 +73,7 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["stop", "rewind", "pause"]
+    action: Literal["stop", "rewind", "pause", "interrupt"]
     message: str
     checkpoint: Checkpoint | None = None
     """rewind: the checkpoint to go back to."""
@@ -137,8 +143,8 @@ class MetricsLog(Hook):
         return None
 
     def on_rewind(self, step: int) -> None:
-        if self.ctx.dist.is_main:
-            truncate_metrics(self.ctx.metrics_path, step)
+        if self.ctx.dist.is_main and (note := truncate_metrics(self.ctx.metrics_path, step)):
+            self.ctx.log(note)
         self.ctx.history[:] = [r for r in self.ctx.history if r["step"] <= step]
 
 
@@ -292,6 +298,55 @@ class Summary(Hook):
             ctx.log(f"skipped {state.nan_skipped} step(s) with a non-finite loss or gradient")
 
 
+class SignalStop(Hook):
+    """SIGTERM and SIGINT (what SLURM, Kubernetes and Ctrl-C send before a kill) end the run with a
+    checkpoint. The first signal is only noted: the step in progress finishes, then this hook (after
+    the collapse guard, so a collapsed step is never saved) checkpoints it and stops the run with
+    `TrainingInterrupted` (the command exits with EXIT_INTERRUPTED, 75, for job scripts to requeue
+    on). A second signal exits at once. Under torchrun the ranks agree on whether any of them got a
+    signal (one integer all-reduced per step), so all save and stop at the same step."""
+
+    def __init__(self, ctx: RunContext, checkpointer: Checkpointer) -> None:
+        self.ctx, self.checkpointer = ctx, checkpointer
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received:  # the second signal: the default action, now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        self.ctx.log(
+            f"received {signal.Signals(signum).name}: finishing this step, then a checkpoint "
+            "(a second signal exits at once)"
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def after_step(self, info: StepInfo) -> Decision | None:
+        got = self.ctx.dist.max_int(self.received)
+        if not got:
+            return None
+        if info.step > self.ctx.last_saved:
+            self.checkpointer.save(info.step)
+        name = signal.Signals(got).name
+        return Decision(
+            "interrupt",
+            f"stopped by {name} after step {info.step}; checkpoint step {self.ctx.last_saved} in "
+            f"{self.ctx.run_dir / 'checkpoints'}. Resume with: data2vec pretrain --resume {self.ctx.run_dir}",
+        )
+
+    def on_end(self, step: int) -> None:
+        self.restore()
+
+
 def build_hooks(
     ctx: RunContext,
     learner: Learner,
@@ -311,6 +366,7 @@ def build_hooks(
         ProgressBar(ctx, start, progress and ctx.dist.is_main),
         LocalStdWarning(ctx),
         CollapseGuard(ctx, checkpointer.latest),  # before the checkpointer: a collapsed step is never saved
+        SignalStop(ctx, checkpointer),  # SIGTERM/SIGINT: checkpoint this step, then stop
         checkpointer,
         Summary(ctx),
     ]
@@ -320,15 +376,25 @@ def build_hooks(
 # ----------------------------------------------------------------------------- run files
 
 
-def truncate_metrics(metrics_path: Path, step: int) -> None:
-    """Drop metrics logged after `step` (we are resuming or rewinding to it)."""
+def truncate_metrics(metrics_path: Path, step: int) -> str | None:
+    """Drop metrics logged after `step` (we are resuming or rewinding to it), and lines that are not
+    a whole record; returns what was dropped of those, for train.log."""
     if not metrics_path.exists():
-        return
+        return None
     if step == 0:
         metrics_path.unlink()
-        return
-    lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        return None
+    rows, torn = read_metrics(metrics_path)
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    os.replace(tmp, metrics_path)
+    if not torn:
+        return None
+    where = ", ".join(str(i) for i in torn)
+    return (
+        f"{metrics_path}: dropped {len(torn)} line(s) that are not a whole record (line {where}; "
+        "a process stopped mid-write)"
+    )
 
 
 def write_summary(run_dir: Path, step: int, state: RunState) -> None:

@@ -1,9 +1,29 @@
-"""loss.png: the loss and the collapse monitor against step, from metrics.jsonl."""
+"""loss.png: the loss and the collapse monitor against step, from metrics.jsonl (and reading it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+
+def read_metrics(metrics_path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of metrics.jsonl, and the numbers of the lines that are not a JSON object (a torn
+    last line from a process killed mid-write); those are left out."""
+    rows: list[dict[str, Any]] = []
+    torn: list[int] = []
+    for i, line in enumerate(metrics_path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            torn.append(i)
+    return rows, torn
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:
@@ -15,7 +35,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
 
     if not metrics_path.exists():
         return
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in read_metrics(metrics_path)[0] if "loss" in r and "target_std" in r and "pred_std" in r]
     if not rows:
         return
     steps = [r["step"] for r in rows]

@@ -8,14 +8,22 @@ checkpoints/ (see checkpoint.py), and init.json when it was started with --init.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from data2vec.checkpoint import list_checkpoints, load_latest, remove_stale_temporaries
+from data2vec.checkpoint import (
+    ResumeChoice,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    select_resume,
+    set_aside,
+)
 from data2vec.config import ConfigError, RunConfig, read_config_json
 from data2vec.data.pipeline import pipeline_for
 from data2vec.distributed import Dist, check_fsdp
@@ -27,6 +35,7 @@ from data2vec.training.devices import resolve_device
 from data2vec.training.engine import Engine
 from data2vec.training.hooks import RunContext, build_hooks, truncate_metrics
 from data2vec.training.init import apply_init, recorded_init
+from data2vec.training.lock import RunLock
 from data2vec.training.log import RunLog, silent
 from data2vec.training.objectives import JointObjective, Objective, SingleObjective
 from data2vec.training.optim import build_optimizer
@@ -56,6 +65,15 @@ class JointTrainResult:
     steps_per_modality: dict[str, int] = field(default_factory=dict)
     """Optimizer steps each modality got over the whole run so far."""
     skipped_inputs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    """How `--resume` picks its checkpoint (checkpoint.select_resume)."""
+
+    resume_from: Path | None = None
+    ignore_checksums: bool = False
+    force_fresh: bool = False
 
 
 @dataclass
@@ -94,8 +112,10 @@ def start_session(
     *,
     resume: bool,
     init: str | Path | Pretrained | None,
+    options: ResumeOptions = ResumeOptions(),
 ) -> Session:
-    """Processes, optimizer, then the newest checkpoint (resume) or --init (a fresh run)."""
+    """Processes, optimizer, then the newest checkpoint that verifies (resume) or --init (a fresh
+    run). Checkpoints newer than the one resumed that do not verify are set aside, never deleted."""
     tc = cfg.train
     if tc.compile:
         model.compile_blocks()
@@ -106,12 +126,27 @@ def start_session(
     if dist.is_main:
         remove_stale_temporaries(run_dir)
     ctx = RunContext(run_dir, tc, RunState(), log, dist)
-    ckpt = load_latest(run_dir, map_location=device) if resume else None
+    choice = (
+        select_resume(
+            run_dir,
+            resume_from=options.resume_from,
+            ignore_checksums=options.ignore_checksums,
+            force_fresh=options.force_fresh,
+        )
+        if resume
+        else ResumeChoice(None, False, [])
+    )
+    ckpt = load_checkpoint(choice.path, device, verify=choice.verified) if choice.path is not None else None
+    dist.barrier()  # every rank has read it before anything is moved
+    if dist.is_main:
+        for path, problem in choice.rejected:
+            log(f"warning: checkpoint {path} set aside ({problem}); moved to {set_aside(path)}")
     if ckpt is not None:
         learner.restore(ckpt, ctx.state, counters=True)
-        log(f"resumed from {ckpt.path} at step {ckpt.step}")
+        unchecked = "" if choice.verified else " (checksums not checked: --ignore-checksums)"
+        log(f"resumed from {ckpt.path} at step {ckpt.step}{unchecked}")
     elif resume:
-        log(f"no checkpoint in {run_dir} yet: starting from step 0")
+        log(f"starting {run_dir} from step 0 (no checkpoint to resume from: --force-fresh)")
     if ckpt is None:
         init = init if init is not None or not resume else recorded_init(run_dir)
         if init is not None:
@@ -120,7 +155,9 @@ def start_session(
         cfg.save(run_dir / "config.json")
     start = ckpt.step if ckpt is not None else 0
     if dist.is_main:
-        truncate_metrics(ctx.metrics_path, start)
+        note = truncate_metrics(ctx.metrics_path, start)
+        if note:
+            log(note)
     return Session(cfg, ctx, learner, step_model, start)
 
 
@@ -142,6 +179,16 @@ def run_engine(
         return engine.run(s.start)
     finally:
         objective.close()
+
+
+@contextmanager
+def _locked(run_dir: Path, dist: Dist) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the whole run (lock.py)."""
+    if not dist.is_main:
+        yield
+        return
+    with RunLock(run_dir):
+        yield
 
 
 def _batch_desc(cfg: RunConfig) -> str:
@@ -168,6 +215,9 @@ def train(
     quiet: bool = False,
     stop_after: int | None = None,
     init: str | Path | Pretrained | None = None,
+    resume_from: str | Path | None = None,
+    ignore_checksums: bool = False,
+    force_fresh: bool = False,
 ) -> TrainResult:
     """Pretrain per `cfg`, writing checkpoints, metrics.jsonl and loss.png into `run_dir`.
 
@@ -177,32 +227,40 @@ def train(
     run into time-limited jobs; schedules still follow `train.steps`.
     `init` starts the student from a pretrained model (training/init.py); a run resumed before its
     first checkpoint starts from it again.
+
+    A resume never discards a checkpoint. When no checkpoint verifies it is refused (CheckpointError)
+    unless one of: `resume_from` (a checkpoint folder to continue from; implies `resume`),
+    `ignore_checksums` (the newest checkpoint as it is), `force_fresh` (step 0; checkpoints that do not
+    verify are moved to checkpoints/set-aside/).
     """
     run_dir = Path(run_dir)
+    options = _resume_options(resume_from, ignore_checksums, force_fresh)
+    resume = resume or options.resume_from is not None
     cfg = open_run_dir(run_dir, cfg, resume, RunConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun: one process per rank; rank 0 alone writes files (distributed.py).
     dist = setup_distributed(resolve_device(cfg.train.device), cfg.train.fsdp)
     check_fsdp(cfg, dist, has_init=init is not None)
     log = RunLog(run_dir, quiet) if dist.is_main else silent
-    if not resume:  # e.g. train a tokenizer; the saved config.json holds the result
-        prepared = cfg
-        cfg = dist.on_main(lambda: pipeline_for(prepared).prepare(prepared, run_dir))
-    device = dist.device(resolve_device(cfg.train.device))
-    torch.manual_seed(cfg.train.seed)
-    model = Data2Vec.from_config(cfg).to(device)
-    s = start_session(cfg, model, run_dir, dist, device, log, resume=resume, init=init)
-    if s.start >= cfg.train.steps:
-        log(f"run already finished ({s.start} of {cfg.train.steps} steps)")
-        return TrainResult(run_dir, s.start, model, [], sorted(set(s.ctx.state.skipped_inputs)))
-    objective = SingleObjective(cfg, s.step_model, dist, device, s.ctx.state.skipped_inputs)
-    notes = objective.seek(s.start)
-    what = f"data2vec {cfg.model.version}.0 {cfg.model.modality}"
-    log(_header(s, what, f"{objective.samples} samples | batch {_batch_desc(cfg)}"))
-    for note in notes:
-        log(note)
-    step = run_engine(s, objective, {"": (cfg, model)}, progress=progress, stop_after=stop_after)
-    return TrainResult(run_dir, step, model, s.ctx.history, sorted(set(s.ctx.state.skipped_inputs)), notes)
+    with _locked(run_dir, dist):
+        if not resume:  # e.g. train a tokenizer; the saved config.json holds the result
+            prepared = cfg
+            cfg = dist.on_main(lambda: pipeline_for(prepared).prepare(prepared, run_dir))
+        device = dist.device(resolve_device(cfg.train.device))
+        torch.manual_seed(cfg.train.seed)
+        model = Data2Vec.from_config(cfg).to(device)
+        s = start_session(cfg, model, run_dir, dist, device, log, resume=resume, init=init, options=options)
+        if s.start >= cfg.train.steps:
+            log(f"run already finished ({s.start} of {cfg.train.steps} steps)")
+            return TrainResult(run_dir, s.start, model, [], sorted(set(s.ctx.state.skipped_inputs)))
+        objective = SingleObjective(cfg, s.step_model, dist, device, s.ctx.state.skipped_inputs)
+        notes = objective.seek(s.start)
+        what = f"data2vec {cfg.model.version}.0 {cfg.model.modality}"
+        log(_header(s, what, f"{objective.samples} samples | batch {_batch_desc(cfg)}"))
+        for note in notes:
+            log(note)
+        step = run_engine(s, objective, {"": (cfg, model)}, progress=progress, stop_after=stop_after)
+        return TrainResult(run_dir, step, model, s.ctx.history, sorted(set(s.ctx.state.skipped_inputs)), notes)
 
 
 def train_joint(
@@ -214,51 +272,77 @@ def train_joint(
     quiet: bool = False,
     stop_after: int | None = None,
     init: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    ignore_checksums: bool = False,
+    force_fresh: bool = False,
 ) -> JointTrainResult:
     """Pretrain a joint model, writing the run directory `train` writes. Each step trains the
     modalities the step plan gives (one drawn modality, or all of them: `cfg.step`); metrics.jsonl
     records them per step. `resume` continues bit-exactly from the newest checkpoint with the config
     saved in `run_dir` (`cfg` may be None then); `stop_after` checkpoints and returns after that step;
-    `init` starts from a joint run or checkpoint, or a single-modality model (its modality only)."""
+    `init` starts from a joint run or checkpoint, or a single-modality model (its modality only);
+    `resume_from`, `ignore_checksums`, `force_fresh`: as for `train`."""
     run_dir = Path(run_dir)
+    options = _resume_options(resume_from, ignore_checksums, force_fresh)
+    resume = resume or options.resume_from is not None
     cfg = open_run_dir(run_dir, cfg, resume, JointConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
     dist = setup_distributed(resolve_device(cfg.train.device))
     log = RunLog(run_dir, quiet) if dist.is_main else silent
-    if not resume:
-        prepared = cfg
-        cfg = dist.on_main(lambda: prepare_joint(prepared, run_dir))
-    device = dist.device(resolve_device(cfg.train.device))
-    torch.manual_seed(cfg.train.seed)
-    model = JointData2Vec(cfg).to(device)
-    s = start_session(cfg, model, run_dir, dist, device, log, resume=resume, init=init)
-    skipped = s.ctx.state.skipped_inputs
-    if s.start >= cfg.train.steps:
-        log(f"run already finished ({s.start} of {cfg.train.steps} steps)")
-        counts = steps_per_modality(cfg, s.start)
-        return JointTrainResult(run_dir, s.start, model, [], counts, sorted(set(skipped)))
-    objective = JointObjective(cfg, s.step_model, dist, device, skipped)
-    for line in objective.seek(s.start):
-        log(line)
-    probs = ", ".join(f"{m} {p:.2f}" for m, p in zip(cfg.modalities, cfg.probabilities(), strict=True))
-    mix = f"every modality per step, loss weights {probs}" if cfg.step == "mixed" else f"modality mix {probs}"
-    log(_header(s, "joint data2vec", mix))
-    members = {m: (cfg.member(m), model.member(m)) for m in cfg.modalities}
-    step = run_engine(s, objective, members, progress=progress, stop_after=stop_after)
-    counts = steps_per_modality(cfg, step)
-    log("steps per modality: " + ", ".join(f"{m} {c}" for m, c in counts.items()))
-    return JointTrainResult(run_dir, step, model, s.ctx.history, counts, sorted(set(skipped)))
+    with _locked(run_dir, dist):
+        if not resume:
+            prepared = cfg
+            cfg = dist.on_main(lambda: prepare_joint(prepared, run_dir))
+        device = dist.device(resolve_device(cfg.train.device))
+        torch.manual_seed(cfg.train.seed)
+        model = JointData2Vec(cfg).to(device)
+        s = start_session(cfg, model, run_dir, dist, device, log, resume=resume, init=init, options=options)
+        skipped = s.ctx.state.skipped_inputs
+        if s.start >= cfg.train.steps:
+            log(f"run already finished ({s.start} of {cfg.train.steps} steps)")
+            counts = steps_per_modality(cfg, s.start)
+            return JointTrainResult(run_dir, s.start, model, [], counts, sorted(set(skipped)))
+        objective = JointObjective(cfg, s.step_model, dist, device, skipped)
+        for line in objective.seek(s.start):
+            log(line)
+        probs = ", ".join(f"{m} {p:.2f}" for m, p in zip(cfg.modalities, cfg.probabilities(), strict=True))
+        mix = f"every modality per step, loss weights {probs}" if cfg.step == "mixed" else f"modality mix {probs}"
+        log(_header(s, "joint data2vec", mix))
+        members = {m: (cfg.member(m), model.member(m)) for m in cfg.modalities}
+        step = run_engine(s, objective, members, progress=progress, stop_after=stop_after)
+        counts = steps_per_modality(cfg, step)
+        log("steps per modality: " + ", ".join(f"{m} {c}" for m, c in counts.items()))
+        return JointTrainResult(run_dir, step, model, s.ctx.history, counts, sorted(set(skipped)))
+
+
+def _resume_options(resume_from: str | Path | None, ignore_checksums: bool, force_fresh: bool) -> ResumeOptions:
+    return ResumeOptions(None if resume_from is None else Path(resume_from), ignore_checksums, force_fresh)
 
 
 def resume(
-    run_dir: str | Path, *, progress: bool = True, quiet: bool = False, stop_after: int | None = None
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    resume_from: str | Path | None = None,
+    ignore_checksums: bool = False,
+    force_fresh: bool = False,
 ) -> TrainResult | JointTrainResult:
     """Continue the run in `run_dir` (single-modality or joint, as its config.json says) from its
-    newest valid checkpoint."""
+    newest valid checkpoint (`resume_from`, `ignore_checksums`, `force_fresh`: as for `train`)."""
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"{saved}: not a run directory (no config.json) - nothing to resume")
-    kw: dict[str, Any] = {"resume": True, "progress": progress, "quiet": quiet, "stop_after": stop_after}
+    kw: dict[str, Any] = {
+        "resume": True,
+        "progress": progress,
+        "quiet": quiet,
+        "stop_after": stop_after,
+        "resume_from": resume_from,
+        "ignore_checksums": ignore_checksums,
+        "force_fresh": force_fresh,
+    }
     if is_joint(read_config_json(saved)):
         return train_joint(None, run_dir, **kw)
     return train(None, run_dir, **kw)  # type: ignore[arg-type]

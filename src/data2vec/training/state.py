@@ -18,6 +18,14 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (collapse, non-finite loss); the last checkpoint is intact."""
 
 
+class TrainingInterrupted(TrainingStopped):
+    """A stop signal (SIGTERM, SIGINT) ended the run after a checkpoint; resume it with --resume."""
+
+
+EXIT_INTERRUPTED = 75
+"""The command's exit status after a stop signal (sysexits.h EX_TEMPFAIL: try again later)."""
+
+
 @dataclass
 class RunState:
     """Counters that survive resumes and rewinds (saved in every checkpoint's state.pt)."""
