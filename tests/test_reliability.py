@@ -23,6 +23,7 @@ import data2vec.checkpoint as checkpoint_module
 import data2vec.model as model_module
 from data2vec.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, safe_torch_load
 from data2vec.training import TrainingStopped, train
+from data2vec.writes import WriteFailed
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -47,7 +48,9 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path: Path, monkey
 
     monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
     cfg = tiny_run_config(2, "train.steps=6", "train.ckpt_every=2", "train.keep_last=3")
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_00000004.*No space left"):
+    with pytest.raises(
+        WriteFailed, match=r"step_00000004: no space left on device \(writing a checkpoint\); the previous"
+    ):
         train(cfg, tmp_path / "run", progress=False, quiet=True)
     ckpts = list_checkpoints(tmp_path / "run")
     assert [p.name for p in ckpts] == ["step_00000002"]
@@ -303,7 +306,7 @@ def test_replace_folder_is_all_or_nothing(tmp_path: Path) -> None:
         (tmp / "a.txt").write_text("two")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteFailed, match="best: no space left on device .*best is as it was"):
         checkpoint_module.replace_folder(target, failing)
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
     assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]

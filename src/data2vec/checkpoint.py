@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from data2vec.writes import WriteFailed, no_space, writing
+
 FORMAT_VERSION = 1
 FILES = ("student.safetensors", "teacher.safetensors", "config.json", "state.pt")
 
@@ -72,7 +74,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_folder(final: Path, write: Callable[[Path], None]) -> None:
+def replace_folder(final: Path, write: Callable[[Path], None], what: str = "a folder") -> None:
     """Create or replace the folder `final` atomically: `write(tmp)` fills a temporary sibling,
     which is fsynced and renamed into place; the old folder is removed only after the swap. If
     `write` or the swap fails, the temporary folder is removed and an existing `final` stays."""
@@ -80,16 +82,17 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> None:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with writing(final, what, f"{final} is as it was" if final.exists() else ""):
+            tmp.mkdir()
+            write(tmp)
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            _fsync_dir(tmp)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
@@ -128,7 +131,8 @@ def save_checkpoint(
         save_file(_contiguous(student), str(tmp / "student.safetensors"))
         save_file(_contiguous(teacher), str(tmp / "teacher.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+            torch.save(state, f)
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -144,8 +148,9 @@ def save_checkpoint(
         _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {final}: {e}. The previous checkpoint is intact.") from e
+        if isinstance(e, Exception) and (isinstance(e, OSError) or no_space(e)):
+            why = "no space left on device" if no_space(e) else str(e)
+            raise WriteFailed(f"{final}: {why} (writing a checkpoint); the previous checkpoint is intact") from e
         raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         if verify_checkpoint(old) is None:

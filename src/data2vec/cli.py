@@ -37,6 +37,7 @@ from data2vec.presets import PRESETS, preset
 from data2vec.pretrained import ModalityRequired, build_model, load_pretrained
 from data2vec.tokenizer import TokenizerError
 from data2vec.training import EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped
+from data2vec.writes import WriteFailed
 
 T = TypeVar("T")
 
@@ -55,6 +56,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     InteropError,
     ModalityRequired,
     TokenizerError,
+    WriteFailed,
 )
 """Errors about what the command was given, printed as one line (as ConfigError is); any other
 exception is a bug and propagates with its traceback."""

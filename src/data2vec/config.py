@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from data2vec.writes import write_text_atomic
+
 Modality = Literal["image", "audio", "text"]
 NormOrder = Literal["pre", "post"]
 NormKind = Literal["instance", "layer", "none"]
@@ -604,9 +606,7 @@ class RunConfig:
 def write_config_json(data: dict[str, Any], path: str | Path) -> None:
     """A config as indented JSON, written atomically (temporary file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", "a config")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from data2vec.data.batch import EvalItem
 from data2vec.data.eval_inputs import read_inputs as read_inputs  # re-export: extract.read_inputs
 from data2vec.model import Data2Vec
 from data2vec.pretrained import load_model as load_model
+from data2vec.writes import write_text_atomic, writing
 
 Pool = Literal["mean", "none"]
 Features = dict[int, Any]
@@ -297,9 +298,11 @@ def write_features(out: str | Path, names: Sequence[str], feats: Features, pool:
     layers = list(feats)
     written: list[Path] = []
     if suffix == ".parquet":
-        written.append(_write_parquet(out, names, feats, pool))
+        with writing(out, "features"):
+            written.append(_write_parquet(out, names, feats, pool))
     elif suffix == ".npy" and pool == "mean":
-        np.save(out, np.stack([feats[n] for n in layers]).astype(np.float32))
+        with writing(out, "features"):
+            np.save(out, np.stack([feats[n] for n in layers]).astype(np.float32))
         written.append(out)
     else:
         target = out.with_suffix(".npz")
@@ -310,10 +313,11 @@ def write_features(out: str | Path, names: Sequence[str], feats: Features, pool:
             else:
                 for i, a in enumerate(feats[n]):
                     arrays[f"layer{n}_{i:06d}"] = np.asarray(a, dtype=np.float32)
-        np.savez(target, **arrays)  # type: ignore[arg-type]
+        with writing(target, "features"):
+            np.savez(target, **arrays)  # type: ignore[arg-type]
         written.append(target)
     side = sidecar_path(written[0])
-    side.write_text("".join(f"{name}\n" for name in names))
+    write_text_atomic(side, "".join(f"{name}\n" for name in names), "the file names")
     written.append(side)
     return written
 

@@ -18,6 +18,7 @@ from data2vec.data.labelled import read_labelled
 from data2vec.distributed import is_main_process
 from data2vec.extract import extract_items
 from data2vec.model import Data2Vec
+from data2vec.writes import save_figure
 
 
 def initial_model(cfg: RunConfig) -> Data2Vec:
@@ -197,7 +198,7 @@ def plot_probes(metrics_path: Path, out: Path, latest: Mapping[str, float] | Non
     ax.set_ylabel("probe accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        save_figure(fig, out, "the probe curve")
+    finally:
+        plt.close(fig)

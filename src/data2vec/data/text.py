@@ -50,6 +50,7 @@ from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.data.workers import ignore_stop_signals
 from data2vec.modalities.text import draw_text_masks
 from data2vec.tokenizer import TextTokenizer
+from data2vec.writes import write_text_atomic, writing
 
 PLAIN_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -213,7 +214,7 @@ def tokenize_corpus(
         skipped.append(str(e))
 
     eos = tokenizer.eos_id
-    with open(out, "wb") as f:
+    with writing(out, "the token cache"), open(out, "wb") as f:
         for path in files:
             start, file_tokens, file_docs, file_skipped = f.tell(), 0, 0, len(skipped)
             try:
@@ -261,7 +262,7 @@ def tokenize_corpus(
             n_files += 1
     stats = CorpusStats(n_tokens, n_docs, n_files, skipped)
     meta = {"dtype": np.dtype(dtype).name, **stats._asdict()}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(meta, indent=1) + "\n", "the token cache")
     return stats
 
 
@@ -409,7 +410,8 @@ class TextPipeline:
         else:
             tokenizer = TextTokenizer.train(_training_texts(files, dcfg, cfg.data.on_bad_input), dcfg.vocab_size)
         tok_path = run_dir / "tokenizer.json"
-        tokenizer.save(tok_path)
+        with writing(tok_path, "the tokenizer"):
+            tokenizer.save(tok_path)
         cache = run_dir / "tokens.bin"
         stats = tokenize_corpus(files, tokenizer, dcfg, cfg.data.on_bad_input, cache)
         if stats.tokens == 0:

@@ -25,6 +25,7 @@ from data2vec.finetune.data import Batcher, index_batches, load_tokenizer, read_
 from data2vec.finetune.model import FinetuneModel, build_finetune_model, param_groups, save_finetuned
 from data2vec.pretrained import ModalityRequired, Pretrained, load_pretrained
 from data2vec.schedules import cosine_lr
+from data2vec.writes import append_line, save_figure, write_text_atomic
 
 
 def smooth_one_hot(targets: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -224,8 +225,7 @@ def finetune(
     log_path = out / "finetune.log"
 
     def log(msg: str) -> None:
-        with open(log_path, "a") as f:
-            f.write(msg + "\n")
+        append_line(log_path, msg, "finetune.log")
         if not quiet:
             tqdm.write(msg)
 
@@ -257,7 +257,7 @@ def finetune(
         "num_outputs": n_out,
         "metric": metric,
     }
-    (out / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_text_atomic(out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n", "a config")
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     rng = random.Random(cfg.seed)
@@ -291,8 +291,8 @@ def finetune(
                 loss_v = float(loss.detach())
                 loss_sum, count = loss_sum + loss_v * len(idx), count + len(idx)
                 if step % cfg.log_every == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}) + "\n")
+                    step_row = {"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}
+                    append_line(metrics_path, json.dumps(step_row), "metrics")
                 bar.set_postfix(loss=f"{loss_v:.4f}")
                 bar.update(1)
             for p in encoder_params:
@@ -306,8 +306,7 @@ def finetune(
                 "seconds": time.perf_counter() - t_start,
             }
             history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(metrics_path, json.dumps(row), "metrics")
             value = ev.metrics[metric]
             improved = _better(cfg.task, value, best)
             if improved:
@@ -325,7 +324,7 @@ def finetune(
         plot_finetune(metrics_path, out / "metrics.png", metric)
     seconds = time.perf_counter() - t_start
     summary = {"metric": metric, "best": best, "best_epoch": best_epoch, "seconds": seconds, "history": history}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n", "the fine-tuning summary")
     assert best is not None
     return FinetuneResult(out, model, best, best_epoch, metric, history, seconds)
 
@@ -390,7 +389,7 @@ def plot_finetune(metrics_path: Path, out: Path, metric: str) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(f"eval {metric}")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        save_figure(fig, out, "the fine-tuning curve")
+    finally:
+        plt.close(fig)

@@ -182,7 +182,7 @@ def save_finetuned(path: Path, model: FinetuneModel, rcfg: RunConfig, meta: dict
         (tmp / "config.json").write_text(json.dumps(rcfg.to_dict(), indent=2) + "\n")
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    replace_folder(path, write)
+    replace_folder(path, write, "the fine-tuned model")
 
 
 def load_finetuned(path: str | Path) -> tuple[FinetuneModel, RunConfig, dict[str, Any]]:

@@ -61,7 +61,7 @@ def write_folder(
         others = sorted(p.name for p in out.iterdir() if p.name not in allowed)
         if others:
             raise FileExistsError(f"{out} exists and holds other files ({', '.join(others[:5])}); give a new folder")
-    replace_folder(out, write)
+    replace_folder(out, write, "an exported model")
     return out
 
 

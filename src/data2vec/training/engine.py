@@ -23,6 +23,7 @@ from data2vec.training.hooks import Checkpointer, Decision, Hook, RunContext, St
 from data2vec.training.objectives import Objective
 from data2vec.training.optim import set_lr
 from data2vec.training.state import Learner, TrainingInterrupted, TrainingStopped
+from data2vec.writes import WriteFailed
 
 
 class Engine:
@@ -48,6 +49,7 @@ class Engine:
         """Train from step `start` to `train.steps` (or a pause); returns the steps completed."""
         step = start
         self.ctx.last_saved = start
+        ended = False
         try:
             while step < self.ctx.train.steps:
                 decision = self.step(step)
@@ -72,9 +74,20 @@ class Engine:
                 self.checkpointer.save(step)
             self.ctx.log(f"stopped on bad input at step {step}: {e}")
             raise
+        except WriteFailed as e:  # e.g. a full disk: nothing more is written, the checkpoints stay
+            newest = f"checkpoint step {self.ctx.last_saved} is intact" if self.ctx.last_saved else "no checkpoint yet"
+            raise WriteFailed(
+                f"{e}. Stopped at step {step}; {newest}: free space, then --resume {self.ctx.run_dir}"
+            ) from e
+        else:
+            ended = True
         finally:
             for hook in self.hooks:
-                hook.on_end(step)
+                try:
+                    hook.on_end(step)
+                except WriteFailed:
+                    if ended:  # otherwise the error that ended the run is the one to report
+                        raise
         return step
 
     def step(self, step: int) -> Decision | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -30,6 +29,7 @@ from data2vec.model import Data2Vec
 from data2vec.probe import OnlineProbe
 from data2vec.training.plots import plot_loss_curve, read_metrics
 from data2vec.training.state import Learner, RunState
+from data2vec.writes import append_line, write_text_atomic
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -136,8 +136,7 @@ class MetricsLog(Hook):
         info.record["samples_per_sec"] = self.samples / max(now - self.t_last, 1e-9)
         self.t_last, self.samples = now, 0
         if self.ctx.dist.is_main:
-            with open(self.ctx.metrics_path, "a") as f:
-                f.write(json.dumps(info.record) + "\n")
+            append_line(self.ctx.metrics_path, json.dumps(info.record), "metrics")
         self.ctx.history.append(info.record)
         del self.ctx.history[:-HISTORY_LIMIT]
         return None
@@ -385,9 +384,7 @@ def truncate_metrics(metrics_path: Path, step: int) -> str | None:
         metrics_path.unlink()
         return None
     rows, torn = read_metrics(metrics_path)
-    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-    os.replace(tmp, metrics_path)
+    write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step), "metrics")
     if not torn:
         return None
     where = ", ".join(str(i) for i in torn)
@@ -406,4 +403,4 @@ def write_summary(run_dir: Path, step: int, state: RunState) -> None:
         "rewinds": state.rewinds,
         "lr_scale": state.lr_scale,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", "the run summary")

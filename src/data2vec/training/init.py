@@ -19,6 +19,7 @@ from data2vec.joint import JointConfig, JointData2Vec
 from data2vec.model import Data2Vec
 from data2vec.pretrained import Pretrained, load_encoder_weights, load_pretrained
 from data2vec.tokenizer import TextTokenizer
+from data2vec.writes import write_text_atomic
 
 INIT_RECORD = "init.json"
 
@@ -113,7 +114,7 @@ def apply_init(model: Data2Vec | JointData2Vec, cfg: RunConfig | JointConfig, in
         "modalities": [pre.config.model.modality for pre, _ in done],
         "fresh": sorted({k for _, fresh in done for k in fresh}),
     }
-    (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(run_dir / INIT_RECORD, json.dumps(record, indent=2) + "\n", "the --init record")
     fresh = ", ".join(record["fresh"]) or "nothing"
     joint = isinstance(model, JointData2Vec)
     sources = "; ".join(f"from {pre.source}" + (f" ({pre.config.model.modality})" if joint else "") for pre, _ in done)

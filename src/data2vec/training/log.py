@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data2vec.writes import append_line
+
 
 class RunLog:
     """Appends to RUN_DIR/train.log and prints (unless `quiet`). Ranks other than 0 get `silent`."""
@@ -15,8 +17,7 @@ class RunLog:
         self.quiet = quiet
 
     def __call__(self, msg: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+        append_line(self.path, msg, "train.log")
         if not self.quiet:
             tqdm.write(msg)
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data2vec.writes import save_figure
+
 
 def read_metrics(metrics_path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """The rows of metrics.jsonl, and the numbers of the lines that are not a JSON object (a torn
@@ -51,7 +53,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     ax2.set_title("collapse monitor")
     ax2.legend()
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        save_figure(fig, out, "the loss curve")
+    finally:
+        plt.close(fig)
