@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from data2vec.writes import WriteFailed, no_space, writing
+from data2vec.writes import writing
 
 FORMAT_VERSION = 1
 FILES = ("student.safetensors", "teacher.safetensors", "config.json", "state.pt")
@@ -128,29 +128,27 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(_contiguous(student), str(tmp / "student.safetensors"))
-        save_file(_contiguous(teacher), str(tmp / "teacher.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        with open(tmp / "state.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
-            torch.save(state, f)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "sha256": {name: _sha256(tmp / name) for name in FILES},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in (*FILES, "manifest.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException as e:
+        with writing(final, "a checkpoint", "the previous checkpoint is intact"):
+            save_file(_contiguous(student), str(tmp / "student.safetensors"))
+            save_file(_contiguous(teacher), str(tmp / "teacher.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            with open(tmp / "state.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+                torch.save(state, f)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "sha256": {name: _sha256(tmp / name) for name in FILES},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in (*FILES, "manifest.json"):
+                _fsync_file(tmp / name)
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and (isinstance(e, OSError) or no_space(e)):
-            why = "no space left on device" if no_space(e) else str(e)
-            raise WriteFailed(f"{final}: {why} (writing a checkpoint); the previous checkpoint is intact") from e
         raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         if verify_checkpoint(old) is None:
@@ -273,14 +271,22 @@ RESUME_WAYS_OUT = (
 )
 
 
-def select_resume(
-    run_dir: Path, *, resume_from: Path | None = None, ignore_checksums: bool = False, force_fresh: bool = False
-) -> ResumeChoice:
+@dataclass(frozen=True)
+class ResumeOptions:
+    """How a resume picks its checkpoint (`select_resume`)."""
+
+    resume_from: Path | None = None
+    ignore_checksums: bool = False
+    force_fresh: bool = False
+
+
+def select_resume(run_dir: Path, options: ResumeOptions = ResumeOptions()) -> ResumeChoice:
     """Which checkpoint `--resume` continues from. Reads only; nothing is moved or deleted here.
 
     `resume_from`: that checkpoint folder (verified unless `ignore_checksums`). Otherwise the newest
     checkpoint that verifies; when none does: the newest one as it is with `ignore_checksums`, step 0
     with `force_fresh`, else a CheckpointError naming each checkpoint and its problem."""
+    resume_from, ignore_checksums, force_fresh = options.resume_from, options.ignore_checksums, options.force_fresh
     if resume_from is not None:
         resume_from = Path(resume_from)
         if not (resume_from / "manifest.json").is_file() and not (resume_from / "student.safetensors").is_file():

@@ -18,6 +18,7 @@ import torch
 
 from data2vec.checkpoint import (
     ResumeChoice,
+    ResumeOptions,
     list_checkpoints,
     load_checkpoint,
     remove_stale_temporaries,
@@ -67,15 +68,6 @@ class JointTrainResult:
     skipped_inputs: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class ResumeOptions:
-    """How `--resume` picks its checkpoint (checkpoint.select_resume)."""
-
-    resume_from: Path | None = None
-    ignore_checksums: bool = False
-    force_fresh: bool = False
-
-
 @dataclass
 class Session:
     """A run set up and ready for the engine."""
@@ -112,7 +104,7 @@ def start_session(
     *,
     resume: bool,
     init: str | Path | Pretrained | None,
-    options: ResumeOptions = ResumeOptions(),
+    options: ResumeOptions | None = None,
 ) -> Session:
     """Processes, optimizer, then the newest checkpoint that verifies (resume) or --init (a fresh
     run). Checkpoints newer than the one resumed that do not verify are set aside, never deleted."""
@@ -126,16 +118,7 @@ def start_session(
     if dist.is_main:
         remove_stale_temporaries(run_dir)
     ctx = RunContext(run_dir, tc, RunState(), log, dist)
-    choice = (
-        select_resume(
-            run_dir,
-            resume_from=options.resume_from,
-            ignore_checksums=options.ignore_checksums,
-            force_fresh=options.force_fresh,
-        )
-        if resume
-        else ResumeChoice(None, False, [])
-    )
+    choice = select_resume(run_dir, options or ResumeOptions()) if resume else ResumeChoice(None, False, [])
     ckpt = load_checkpoint(choice.path, device, verify=choice.verified) if choice.path is not None else None
     dist.barrier()  # every rank has read it before anything is moved
     if dist.is_main:
