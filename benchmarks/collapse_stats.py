@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="steps per tiny preset")
     p.add_argument("--base-steps", type=int, default=30, help="steps per base preset (0: skip them)")
     p.add_argument("--only", default="", help="comma-separated preset names")
+    p.add_argument("--versions", default="1,2", help="comma-separated data2vec versions")
     p.add_argument("--work", default="/tmp/collapse-stats")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -114,6 +115,8 @@ def main() -> None:
     if args.only:
         keep = set(args.only.split(","))
         plan = [x for x in plan if x[0] in keep]
+    versions = {int(v) for v in args.versions.split(",")}
+    plan = [x for x in plan if x[1] in versions]
     results = []
     for name, v, steps, extra in plan:
         r = measure(name, v, steps, work, extra)

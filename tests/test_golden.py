@@ -1,7 +1,9 @@
 """The golden runs (tests/golden/cases.py): every pretraining path reproduces, on CPU in fp32, what
 the code recorded before the training engine was restructured; and a run directory written by that
 code resumes. Bit for bit on the machine that recorded them; another CPU (a different kernel path in
-oneDNN) changes the last bits of the float reductions, so floats compare to a relative 1e-4."""
+oneDNN) changes the last bits of the float reductions, so floats compare to a relative 1e-4. The
+`rewind` case was re-recorded when a rewind began to read a newly seeded data stream (its steps
+up to the rewind are unchanged)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -459,7 +460,10 @@ class TrainConfig:
     collapse_after: int = 5000
     """The collapse monitor fires only after this many steps (warm-up)."""
     min_target_std: float = 0.1
+    """Collapse monitor: the teacher's target std (per channel over masked tokens, averaged)
+    below this after `collapse_after` steps is a collapse. 0 = not checked (train.log says so)."""
     min_pred_std: float = 0.01
+    """Collapse monitor: the same for the student's predictions. 0 = not checked."""
     min_local_std: float = 0.0
     """Collapse monitor on the local encoder's output (`local_std`: 0.5-1 at init, near 0
     when the CNN / embedding emits one vector everywhere). A speech CNN shared with the teacher
@@ -472,6 +476,16 @@ class TrainConfig:
     rewind_lr_factor: float = 0.5
     """Each rewind multiplies the learning rate by this."""
     max_rewinds: int = 3
+    max_loss_ratio: float = 1e6
+    """A finite loss more than this many times the running median of the last losses is an
+    explosion, handled as a non-finite loss (train.on_nan). 0 = not checked."""
+    max_nan_share: float = 0.2
+    """train.on_nan=skip: stop once more than this share of the steps so far were skipped (and at
+    least 5 were). 1 = never stop."""
+    max_weight_abs: float = 100.0
+    """A checkpoint is written only if every weight is finite and at most this large in absolute
+    value (or 4x the largest weight the run started from, if that is larger); otherwise the run
+    stops naming the last checkpoint that passed. 0 = only finiteness is checked."""
     fsdp: bool = False
     """Under torchrun: shard parameters, gradients and optimizer state over the processes
     (FSDP2, one unit per Transformer block) instead of replicating them (DDP)."""
@@ -483,6 +497,21 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
         _check(0 <= self.min_local_std < 1, f"{key}.min_local_std", "must be in [0, 1)")
+        for name in ("min_target_std", "min_pred_std"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"{key}.{name}", f"{value} is not a number >= 0 (0 = off)")
+        _check(self.collapse_after >= 0, f"{key}.collapse_after", "must be >= 0")
+        _check(
+            self.max_loss_ratio == 0 or (math.isfinite(self.max_loss_ratio) and self.max_loss_ratio > 1),
+            f"{key}.max_loss_ratio",
+            f"{self.max_loss_ratio} is not 0 (off) or a number > 1",
+        )
+        _check(0 <= self.max_nan_share <= 1, f"{key}.max_nan_share", f"{self.max_nan_share} is not in [0, 1]")
+        _check(
+            math.isfinite(self.max_weight_abs) and self.max_weight_abs >= 0,
+            f"{key}.max_weight_abs",
+            f"{self.max_weight_abs} is not a number >= 0 (0 = off)",
+        )
         _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
         _check(self.log_every >= 1, f"{key}.log_every", "must be >= 1")
         _check(self.ckpt_every >= 1, f"{key}.ckpt_every", "must be >= 1")

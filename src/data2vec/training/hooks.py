@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
+import torch
 from tqdm import tqdm
 
 from data2vec.checkpoint import Checkpoint, load_latest, save_checkpoint
@@ -28,7 +29,7 @@ from data2vec.distributed import Dist
 from data2vec.model import Data2Vec
 from data2vec.probe import OnlineProbe
 from data2vec.training.plots import plot_loss_curve, read_metrics
-from data2vec.training.state import Learner, RunState
+from data2vec.training.state import Learner, RunState, TrainingStopped
 from data2vec.writes import append_line, write_text_atomic
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -57,6 +58,12 @@ class RunContext:
     @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
+
+    def last_good(self) -> str:
+        """Where the run can be resumed from, for stop messages."""
+        if not self.last_saved:
+            return "no checkpoint has been written yet (nothing to resume from)"
+        return f"the last good checkpoint is step {self.last_saved} in {self.run_dir}"
 
 
 @dataclass
@@ -222,6 +229,17 @@ class CollapseGuard(Hook):
 
     def __init__(self, ctx: RunContext, load: Callable[[], Checkpoint | None]) -> None:
         self.ctx, self.load = ctx, load
+        tc = ctx.train
+        if not (tc.min_target_std or tc.min_pred_std or tc.min_local_std):
+            ctx.log(
+                "warning: the collapse monitor is off (train.min_target_std, min_pred_std and min_local_std "
+                "are 0): a collapsed run will not be stopped"
+            )
+        elif tc.collapse_after >= tc.steps:
+            ctx.log(
+                f"warning: the collapse monitor is off in this run: it starts after train.collapse_after="
+                f"{tc.collapse_after} steps and the run has {tc.steps}"
+            )
 
     def after_step(self, info: StepInfo) -> Decision | None:
         tc = self.ctx.train
@@ -236,9 +254,8 @@ class CollapseGuard(Hook):
                 return Decision("rewind", what, good)
         return Decision(
             "stop",
-            f"{what}. Stopped without saving; the last good checkpoint is step {self.ctx.last_saved} in "
-            f"{self.ctx.run_dir}. Try a lower optim.lr, a slower teacher (teacher.decay closer to 1), "
-            "or train.on_collapse=rewind.",
+            f"{what}. Stopped without saving; {self.ctx.last_good()}. Try a lower optim.lr, a slower "
+            "teacher (teacher.decay closer to 1), or train.on_collapse=rewind.",
         )
 
 
@@ -250,11 +267,27 @@ class Checkpointer(Hook):
         self, ctx: RunContext, learner: Learner, config: dict[str, Any], stop_after: int | None = None
     ) -> None:
         self.ctx, self.learner, self.config, self.stop_after = ctx, learner, config, stop_after
+        self.weight_bound = 0.0
+        """Weights above this (in absolute value) are not saved; 0 = no bound (`start_weights`)."""
+
+    def start_weights(self) -> None:
+        """Set the weight bound from the weights the run starts from: train.max_weight_abs, or 4x
+        the largest of them if that is larger (a model imported with large weights is not refused)."""
+        limit = self.ctx.train.max_weight_abs
+        start = largest_weight(self.learner.model.state_dict())
+        self.weight_bound = max(limit, WEIGHT_BOUND_FACTOR * start) if limit > 0 else 0.0
 
     def save(self, step: int) -> None:
-        """Checkpoint `step` (collective: every rank calls it; rank 0 writes)."""
+        """Checkpoint `step` (collective: every rank calls it; rank 0 writes). Weights that are not
+        finite or exceed the bound stop the run instead (TrainingStopped), naming the last good one."""
         ctx = self.ctx
         student, teacher, state = self.learner.snapshot(step, ctx.state)
+        problem = weight_problem({**student, **teacher}, self.weight_bound)
+        if ctx.dist.max_int(int(problem is not None)):
+            raise TrainingStopped(
+                f"weights after step {step} {problem or 'fail the check on another rank'}; not saved. "
+                f"Stopped: {ctx.last_good()}. Try a lower optim.lr or a stronger optim.clip_grad"
+            )
         if ctx.dist.is_main:
             path = save_checkpoint(
                 ctx.run_dir, step, student, teacher, self.config, state, keep_last=ctx.train.keep_last
@@ -278,6 +311,39 @@ class Checkpointer(Hook):
 
     def latest(self) -> Checkpoint | None:
         return load_latest(self.ctx.run_dir, map_location=self.learner.device)
+
+
+WEIGHT_BOUND_FACTOR = 4.0
+
+
+def largest_weight(tensors: dict[str, Any]) -> float:
+    """The largest absolute value among the floating-point tensors (this rank's shards under FSDP)."""
+    largest = 0.0
+    for t in tensors.values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and local.numel():
+            largest = max(largest, float(local.detach().abs().max()))
+    return largest
+
+
+def weight_problem(tensors: dict[str, torch.Tensor], bound: float) -> str | None:
+    """Why these weights must not be saved (non-finite values, or larger than `bound` when it is
+    positive), or None."""
+    worst, worst_name = 0.0, ""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return f"hold non-finite values ({name})"
+        m = float(t.detach().abs().max())
+        if m > worst:
+            worst, worst_name = m, name
+    if bound > 0 and worst > bound:
+        return (
+            f"are out of bounds: |w| reaches {worst:.4g} in {worst_name}, over {bound:.4g} (train.max_weight_abs, or "
+            f"{WEIGHT_BOUND_FACTOR:g}x the largest weight the run started from)"
+        )
+    return None
 
 
 class Summary(Hook):

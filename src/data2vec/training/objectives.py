@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,12 +37,14 @@ class StepOutcome:
     """Each group's loss weight in the backpropagated objective."""
     samples: int
     """Samples this process saw in the step."""
+    warnings: list[str] = field(default_factory=list)
+    """Lines for train.log (said once per run, e.g. masks that leave nothing visible)."""
 
 
 class Objective(Protocol):
-    def seek(self, step: int) -> list[str]:
-        """Position the data at optimizer step `step` (a fresh run, a resume, a rewind); returns
-        lines for the log."""
+    def seek(self, step: int, stream: int = 0) -> list[str]:
+        """Position the data at optimizer step `step` (a fresh run, a resume, a rewind) of data
+        stream `stream` (the number of rewinds so far: `reseeded`); returns lines for the log."""
 
     def forward_backward(self, step: int) -> StepOutcome:
         """Forward and backward of optimizer step `step` (0-based); gradients accumulate in the
@@ -53,6 +56,38 @@ class Objective(Protocol):
 
     def close(self) -> None:
         """Release the data loaders (their worker processes) now, when the run ends."""
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The data seed of stream `stream` of a run seeded `seed` (stream 0 is `seed` itself)."""
+    if stream == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, stream, 0x5EED]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def reseeded(cfg: RunConfig, stream: int) -> RunConfig:
+    """`cfg` whose data order, augmentation and masks come from stream `stream` (after `stream`
+    rewinds: the same steps with other batches and masks)."""
+    return cfg if stream == 0 else replace(cfg, train=replace(cfg.train, seed=stream_seed(cfg.train.seed, stream)))
+
+
+def mask_warning(batch: PretrainBatch, mask_prob: float) -> str | None:
+    """A warning when masks of the batch leave no token visible to the student."""
+    mask = batch.mask
+    if mask is None or mask.ndim != 2 or not mask.numel():
+        return None
+    hidden = mask
+    pad = batch.padding_mask
+    if pad is not None and pad.ndim == 2 and pad.shape[1] == mask.shape[1] and mask.shape[0] % pad.shape[0] == 0:
+        hidden = mask | pad.repeat_interleave(mask.shape[0] // pad.shape[0], dim=0)
+    blind = int(hidden.all(dim=1).sum())
+    if not blind:
+        return None
+    return (
+        f"warning: {blind} of the {mask.shape[0]} masks of the first batch leave no visible token "
+        f"(masking.mask_prob={mask_prob:g}): the student sees only mask tokens and cannot learn from the "
+        "input; lower masking.mask_prob"
+    )
 
 
 def next_batch(it: Iterator[PretrainBatch], skipped: list[str], on_bad_input: str) -> PretrainBatch:
@@ -84,11 +119,12 @@ class SingleObjective:
         self.data: Iterator[PretrainBatch] = iter(())
         self.samples = 0
         self.notes: list[str] = []
+        self.mask_checked = False
 
-    def seek(self, step: int) -> list[str]:
+    def seek(self, step: int, stream: int = 0) -> list[str]:
         self.close()  # the old loader's workers go before the new ones start
         self.data, self.samples = build_pretrain_loader(
-            self.cfg, step * self.cfg.train.grad_accum, self.dist.rank, self.dist.world_size
+            reseeded(self.cfg, stream), step * self.cfg.train.grad_accum, self.dist.rank, self.dist.world_size
         )
         self.notes = [str(note) for note in getattr(self.data, "notes", ())]  # optional, per pipeline
         return self.notes
@@ -97,8 +133,13 @@ class SingleObjective:
         tc = self.cfg.train
         sums: dict[str, float] = {}
         samples = 0
+        warnings: list[str] = []
         for micro in range(tc.grad_accum):
-            batch = to_device(next_batch(self.data, self.skipped, self.cfg.data.on_bad_input), self.device)
+            raw = next_batch(self.data, self.skipped, self.cfg.data.on_bad_input)
+            if not self.mask_checked:
+                self.mask_checked = True
+                warnings += [w] if (w := mask_warning(raw, self.cfg.masking.mask_prob)) else []
+            batch = to_device(raw, self.device)
             with self.dist.accumulating(self.step_model, last=micro == tc.grad_accum - 1):
                 with autocast(self.device, tc.precision):
                     out = self.step_model(batch)
@@ -107,7 +148,7 @@ class SingleObjective:
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / tc.grad_accum
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
-        return StepOutcome({"": sums}, {"": 1.0}, samples)
+        return StepOutcome({"": sums}, {"": 1.0}, samples, warnings)
 
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return dict(groups[""])
@@ -174,8 +215,10 @@ class JointObjective:
         self.cfg, self.step_model, self.dist, self.device, self.skipped = cfg, step_model, dist, device, skipped
         self.loaders: dict[str, Iterator[PretrainBatch]] = {}
         self.notes: list[str] = []
+        self.mask_checked: set[str] = set()
+        self.warnings: list[str] = []
 
-    def seek(self, step: int) -> list[str]:
+    def seek(self, step: int, stream: int = 0) -> list[str]:
         """One endless loader per modality, each at the micro-batch it had reached by `step`."""
         counts = steps_per_modality(self.cfg, step)
         self.close()
@@ -183,7 +226,7 @@ class JointObjective:
         for m in self.cfg.modalities:
             member = self.cfg.member(m)
             self.loaders[m], n = build_pretrain_loader(
-                member, counts[m] * self.cfg.train.grad_accum, self.dist.rank, self.dist.world_size
+                reseeded(member, stream), counts[m] * self.cfg.train.grad_accum, self.dist.rank, self.dist.world_size
             )
             lines.append(f"{m}: {n} samples, batch {member.data.batch_size}x{self.cfg.train.grad_accum}")
             lines += [f"{m}: {note}" for note in getattr(self.loaders[m], "notes", ())]
@@ -191,7 +234,12 @@ class JointObjective:
 
     def _batch(self, m: str) -> Batch:
         on_bad_input = self.cfg.section(m).data.on_bad_input
-        return to_device(next_batch(self.loaders[m], self.skipped, on_bad_input), self.device)
+        raw = next_batch(self.loaders[m], self.skipped, on_bad_input)
+        if m not in self.mask_checked:
+            self.mask_checked.add(m)
+            if w := mask_warning(raw, self.cfg.member(m).masking.mask_prob):
+                self.warnings.append(f"{m}: {w}")
+        return to_device(raw, self.device)
 
     def _accumulating(self, last: bool) -> Any:
         return self.dist.accumulating(self.step_model, last=last)
@@ -201,7 +249,8 @@ class JointObjective:
         groups, samples = backward_step(
             self.step_model, weights, self._batch, self.cfg.train, self.device, self._accumulating
         )
-        return StepOutcome(groups, weights, samples)
+        warnings, self.warnings = self.warnings, []
+        return StepOutcome(groups, weights, samples, warnings)
 
     def fields(self, groups: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, Any]:
         return step_record(groups, weights)

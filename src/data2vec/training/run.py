@@ -237,7 +237,7 @@ def train(
             log(f"run already finished ({s.start} of {cfg.train.steps} steps)")
             return TrainResult(run_dir, s.start, model, [], sorted(set(s.ctx.state.skipped_inputs)))
         objective = SingleObjective(cfg, s.step_model, dist, device, s.ctx.state.skipped_inputs)
-        notes = objective.seek(s.start)
+        notes = objective.seek(s.start, s.ctx.state.rewinds)
         what = f"data2vec {cfg.model.version}.0 {cfg.model.modality}"
         log(_header(s, what, f"{objective.samples} samples | batch {_batch_desc(cfg)}"))
         for note in notes:
@@ -286,7 +286,7 @@ def train_joint(
             counts = steps_per_modality(cfg, s.start)
             return JointTrainResult(run_dir, s.start, model, [], counts, sorted(set(skipped)))
         objective = JointObjective(cfg, s.step_model, dist, device, skipped)
-        for line in objective.seek(s.start):
+        for line in objective.seek(s.start, s.ctx.state.rewinds):
             log(line)
         probs = ", ".join(f"{m} {p:.2f}" for m, p in zip(cfg.modalities, cfg.probabilities(), strict=True))
         mix = f"every modality per step, loss weights {probs}" if cfg.step == "mixed" else f"modality mix {probs}"
