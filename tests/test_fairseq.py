@@ -11,13 +11,17 @@ refused by name, and configuration classes that are not importable here are read
 from __future__ import annotations
 
 import argparse
+import collections
 import enum
 import os
+import random
 import re
 import sys
 import types
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,30 @@ from data2vec.nn.pos import sincos_2d
 from data2vec.presets import preset
 
 # ----------------------------------------------------------------------------- helpers
+
+
+SHARED_DATA_ENV = "DATA2VEC_SHARED_DATA"
+
+
+def shared_data(name: str, start: Path = Path(__file__), fallback: Path = Path("/work/shared/data")) -> Path | None:
+    """The shared test data folder `name` (read in place, never copied into the repository):
+    `$DATA2VEC_SHARED_DATA/name` when that variable is set; else `shared/data/name` in the first
+    folder above `start` that has one (a checkout beside or holding `shared/`), else
+    `fallback/name` (where this machine keeps it, for a clone anywhere else). None where absent."""
+    if os.environ.get(SHARED_DATA_ENV):
+        found = Path(os.environ[SHARED_DATA_ENV]) / name
+        return found if found.is_dir() else None
+    for parent in Path(start).resolve().parents:
+        if (parent / "shared" / "data" / name).is_dir():
+            return parent / "shared" / "data" / name
+    return fallback / name if (fallback / name).is_dir() else None
+
+
+FAIRSEQ_TINY = shared_data("fairseq-tiny")
+"""Checkpoints written by fairseq's own code, with fairseq's layer outputs (its README.md)."""
+needs_fairseq_tiny = pytest.mark.skipif(
+    FAIRSEQ_TINY is None, reason=f"shared data fairseq-tiny not found (set {SHARED_DATA_ENV} to the folder holding it)"
+)
 
 
 def randomised(cfg: RunConfig, seed: int = 0) -> Data2Vec:
@@ -628,15 +656,32 @@ def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str) -> types.ModuleType
     return sys.modules[name]
 
 
-def test_omegaconf_like_config_is_read_inertly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("omegaconf_2_0", [False, True], ids=["plain", "omegaconf-2.0-metadata"])
+def test_omegaconf_like_config_is_read_inertly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, omegaconf_2_0: bool
+) -> None:
     """A cfg pickled as omegaconf containers (not importable here) is read as plain data; no
-    class from it is ever called."""
+    class from it is ever called. With omegaconf 2.0's metadata (what a checkpoint re-saved after
+    fairseq's `load_checkpoint_to_cpu` holds): a `defaultdict(dict)` resolver cache and type
+    references, which a protocol-2 pickle names `__builtin__.dict` and `__builtin__.long`."""
     calls: list[str] = []
+
+    class ContainerMetadata:
+        def __init__(self) -> None:
+            self.ref_type = dict
+            self.object_type = dict
+            self.key_type = None
+            self.element_type = int
+            self.resolver_cache: collections.defaultdict[str, dict[str, Any]] = collections.defaultdict(dict)
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            calls.append("ContainerMetadata.__setstate__")
+            self.__dict__.update(state)
 
     class DictConfig:
         def __init__(self, content: dict[str, Any]) -> None:
             self._content = {k: v if isinstance(v, (DictConfig, AnyNode)) else AnyNode(v) for k, v in content.items()}
-            self._metadata = None
+            self._metadata = ContainerMetadata() if omegaconf_2_0 else None
             self._parent = None
 
         def __getstate__(self) -> dict[str, Any]:
@@ -661,7 +706,11 @@ def test_omegaconf_like_config_is_read_inertly(tmp_path: Path, monkeypatch: pyte
         IMAGE = 2
         TEXT = 3
 
-    for cls, mod in ((DictConfig, "omegaconf.dictconfig"), (AnyNode, "omegaconf.nodes")):
+    for cls, mod in (
+        (DictConfig, "omegaconf.dictconfig"),
+        (AnyNode, "omegaconf.nodes"),
+        (ContainerMetadata, "omegaconf.base"),
+    ):
         cls.__module__, cls.__qualname__ = mod, cls.__name__
         setattr(_fake_module(monkeypatch, mod), cls.__name__, cls)
     Modality.__module__, Modality.__qualname__ = "examples.data2vec.data.modality", "Modality"
@@ -677,9 +726,13 @@ def test_omegaconf_like_config_is_read_inertly(tmp_path: Path, monkeypatch: pyte
 
     ck["cfg"] = wrap({"model": meta, "task": {"data": "/x"}})
     path = save(tmp_path / "omegaconf.pt", ck)
-    for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.nodes", "examples", "examples.data2vec"):
+    if omegaconf_2_0:  # the file holds what the test is about
+        with zipfile.ZipFile(path) as zf:
+            pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        assert all(g in pkl for g in (b"collections\ndefaultdict", b"__builtin__\nlong", b"__builtin__\ndict"))
+    for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.nodes", "omegaconf.base", "examples"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    for name in ("examples.data2vec.data", "examples.data2vec.data.modality"):
+    for name in ("examples.data2vec", "examples.data2vec.data", "examples.data2vec.data.modality"):
         monkeypatch.delitem(sys.modules, name, raising=False)
 
     cfg, model, missing = load_into_model(path)
@@ -687,3 +740,187 @@ def test_omegaconf_like_config_is_read_inertly(tmp_path: Path, monkeypatch: pyte
     assert_same_architecture(src_cfg, cfg)
     assert cfg.targets.top_k == src_cfg.targets.top_k
     assert_same_features(src, model, torch.randn(1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- files that are not checkpoints
+
+TORCH_ADVICE = ("weights_only", "can still be loaded", "trust", "safe_globals", "file an issue")
+"""Words of torch's hints on loading a refused file anyway, which no message may repeat."""
+
+
+def test_a_refused_zip_pickle_says_only_what_was_found(tmp_path: Path) -> None:
+    """A zip checkpoint whose pickle (protocol 4) holds a set, an instruction torch's weights-only
+    reader lacks: the refusal names it, without torch's advice to load the file unsafely."""
+    _, _, good = audio_v1_checkpoint(tmp_path)
+    ck = torch.load(good, weights_only=True)
+    ck["extra_state"] = {"seen": {1, 2}}
+    path = tmp_path / "protocol4.pt"
+    torch.save(ck, path, pickle_protocol=4)
+    assert zipfile.is_zipfile(path) and is_fairseq_checkpoint(path)
+    with pytest.raises(FairseqImportError) as info:
+        load_fairseq(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: refused to load: its pickle holds what the safe reader does not accept (")
+    assert "Unsupported operand" in msg and "\n" not in msg and not any(w in msg for w in TORCH_ADVICE), msg
+
+
+def test_files_that_are_not_torch_checkpoints(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(random.Random(2).randbytes(2000))  # torch.load: IndexError: pop from empty list
+    with pytest.raises(FairseqImportError) as info:
+        load_fairseq(noise)
+    assert str(info.value) == f"{noise}: not a torch checkpoint file (neither a zip archive nor torch's legacy format)"
+    _, _, good = audio_v1_checkpoint(tmp_path)
+    torn = tmp_path / "torn.pt"
+    data = good.read_bytes()
+    torn.write_bytes(data[: len(data) // 2] + data[-400:])  # the zip directory kept, members cut
+    with pytest.raises(FairseqImportError) as info:
+        load_fairseq(torn)
+    msg = str(info.value)
+    assert msg.startswith(f"{torn}: unreadable torch file, truncated or corrupt (") and "\n" not in msg, msg
+
+
+def test_legacy_format_through_every_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fairseq checkpoint in torch's legacy (non-zip) format: the importer, the loading chain and
+    `data2vec convert` all read it."""
+    from data2vec.cli import main
+    from data2vec.pretrained import load_model
+
+    _, src, good = audio_v1_checkpoint(tmp_path)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(good, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy) and is_fairseq_checkpoint(legacy)
+    wav = torch.randn(1, 4000)
+    assert_same_features(src, load_into_model(legacy)[1], wav)
+    assert_same_features(src, load_model(legacy), wav)
+    assert main(["convert", str(legacy), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert_same_features(src, load_model(tmp_path / "out"), wav)
+
+
+# ----------------------------------------------------------------------------- files written by fairseq
+
+REAL_FILES = ["d2v2_image", "d2v2_image_dictconfig", "d2v1_audio", "d2v1_audio_legacy", "d2v2_audio", "d2v2_text"]
+"""`FAIRSEQ_TINY` checkpoints: fairseq's classes from the official configs, saved by its trainer code."""
+
+
+def test_shared_data_is_found_from_any_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SHARED_DATA_ENV, raising=False)
+    beside = tmp_path / "work" / "shared" / "data" / "fairseq-tiny"
+    beside.mkdir(parents=True)
+    elsewhere = tmp_path / "ci" / "tests" / "test_fairseq.py"
+    machine = tmp_path / "work" / "shared" / "data"
+    # a checkout beside shared/ (work/main), one holding it, and a clone elsewhere (fallback)
+    assert shared_data("fairseq-tiny", tmp_path / "work" / "main" / "tests" / "t.py", tmp_path) == beside
+    (tmp_path / "ci" / "shared" / "data" / "fairseq-tiny").mkdir(parents=True)
+    assert shared_data("fairseq-tiny", elsewhere, tmp_path) == tmp_path / "ci" / "shared" / "data" / "fairseq-tiny"
+    assert shared_data("fairseq-tiny", tmp_path / "x" / "tests" / "t.py", machine) == beside
+    assert shared_data("fairseq-tiny", tmp_path / "x" / "tests" / "t.py", tmp_path / "none") is None
+    monkeypatch.setenv(SHARED_DATA_ENV, str(machine))
+    assert shared_data("fairseq-tiny", elsewhere, tmp_path / "none") == beside
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path / "empty"))
+    assert shared_data("fairseq-tiny", tmp_path / "work" / "main" / "tests" / "t.py") is None
+
+
+def block_io(model: Data2Vec, inputs: Tensor, padding_mask: Tensor | None = None) -> list[Tensor]:
+    """[encoder input (after positions and input LayerNorm), the output of each block (prenet
+    blocks first)], prefix tokens included: what the references call layer0, layer1, ..."""
+    blocks = [*model.encoder.prenet, *model.encoder.blocks]
+    got: dict[int, Tensor] = {}
+    handles = [blocks[0].register_forward_pre_hook(lambda m, a: got.__setitem__(0, a[0]))]
+    for i, b in enumerate(blocks, start=1):
+        handles.append(b.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o.x)))
+    try:
+        with torch.no_grad():
+            model.encode(inputs, padding_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[i] for i in range(len(blocks) + 1)]
+
+
+def real_model(name: str, **audio: Any) -> tuple[Data2Vec, dict[str, Tensor]]:
+    """A `FAIRSEQ_TINY` checkpoint imported (every weight used, none missing; fp32) and its references."""
+    assert FAIRSEQ_TINY is not None
+    cfg, sd = load_fairseq(FAIRSEQ_TINY / f"{name}.pt")
+    if audio:
+        cfg = replace(cfg, model=replace(cfg.model, audio=replace(cfg.model.audio, **audio)))
+    model = Data2Vec.from_config(cfg).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert missing == [] and unexpected == []
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ref_name = name.removesuffix("_dictconfig").removesuffix("_legacy")
+    return model, torch.load(FAIRSEQ_TINY / f"ref_{ref_name}.pt", weights_only=True)
+
+
+def close(a: Tensor, b: Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+def inputs_of(ref: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, list[int]]:
+    """(the padded batch, its input padding mask, each input's length)."""
+    if "image" in ref:
+        return ref["image"], None, [ref["image"].shape[-1]] * len(ref["image"])
+    if "wav" in ref:
+        return ref["wav"], ref["padding_mask"], (~ref["padding_mask"]).sum(1).tolist()
+    return ref["tokens"], None, (ref["tokens"] != ref["pad"]).sum(1).tolist()
+
+
+@needs_fairseq_tiny
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_fairseq_checkpoints_compute_every_layer_fairseq_computes(name: str) -> None:
+    """Every layer, fp32, against fairseq's own outputs: each input run alone (unpadded), and the
+    padded batch's valid positions against the same padding-free answer (images: the batch, CLS
+    token included; fairseq text is padding-invariant, so its padded batch is checked too)."""
+    model, ref = real_model(name)
+    x, pad, lengths = inputs_of(ref)
+    n = len([k for k in ref if re.fullmatch(r"layer\d+", k)])
+    batch = block_io(model, x, pad)
+    assert len(batch) == n
+    if "image" in ref:
+        for i in range(n):
+            close(batch[i], ref[f"layer{i}"], f"layer{i}")
+        with torch.no_grad():
+            close(model.encode(x).x, ref["x"], "x")
+        return
+    for j, length in enumerate(lengths):
+        alone = block_io(model, x[j : j + 1, :length])
+        for i in range(n):
+            expected = ref[f"alone{j}_layer{i}"]
+            close(alone[i], expected, f"input {j} alone, layer{i}")
+            close(batch[i][j : j + 1, : expected.shape[1]], expected, f"input {j} in the padded batch, layer{i}")
+            if "tokens" in ref:
+                close(batch[i][j, :length], ref[f"layer{i}"][j, :length], f"fairseq's padded batch, layer{i}")
+
+
+@needs_fairseq_tiny
+@pytest.mark.parametrize("name", ["d2v1_audio", "d2v1_audio_legacy"])
+def test_real_speech_1_0_padded_batch_with_zeroing_at_the_input(name: str) -> None:
+    """fairseq 1.0 zeroes padded frames once, at the positional convs' input: with
+    `pos_conv_zero_padding=input` the padded batch gives fairseq's own padded outputs (valid
+    frames), and the frame padding mask is fairseq's."""
+    model, ref = real_model(name, pos_conv_zero_padding="input")
+    with torch.no_grad():
+        assert torch.equal(
+            model.frontend.local(ref["wav"], ref["padding_mask"]).padding_mask, ref["frame_padding_mask"]
+        )
+    valid = ~ref["frame_padding_mask"]
+    batch = block_io(model, ref["wav"], ref["padding_mask"])
+    for i, got in enumerate(batch):
+        close(got[valid], ref[f"layer{i}"][valid], f"layer{i}")
+    with torch.no_grad():
+        close(model.encode(ref["wav"], ref["padding_mask"]).x[valid], ref["x"][valid], "x")
+
+
+@needs_fairseq_tiny
+def test_real_speech_2_0_padded_batch_is_not_padding_invariant_in_fairseq() -> None:
+    """fairseq 2.0 never zeroes padded frames before its positional convs, so its padded batch
+    differs from each clip alone by far more than rounding; no setting here reproduces it. The
+    reference run with the padded frames zeroed at the convs' input (`zeroin_*`) is what
+    `pos_conv_zero_padding=input` computes."""
+    model, ref = real_model("d2v2_audio", pos_conv_zero_padding="input")
+    valid = ~ref["frame_padding_mask"]
+    for j in (1, 2):  # the padded clips: fairseq's batch is not what each gets alone
+        alone = ref[f"alone{j}_layer3"]
+        assert (ref["layer3"][j : j + 1, : alone.shape[1]] - alone).abs().max() > 0.1
+    for i, got in enumerate(block_io(model, ref["wav"], ref["padding_mask"])):
+        close(got[valid], ref[f"zeroin_layer{i}"][valid], f"layer{i}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.conftest import make_tiny_config
 from tests.helpers import tiny_text_config
+from tests.test_fairseq import FAIRSEQ_TINY, needs_fairseq_tiny
 
 from data2vec.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from data2vec.cli import main
@@ -30,7 +31,6 @@ from data2vec.pretrained import (
     load_student_weights,
 )
 
-FAIRSEQ_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairseq-tiny"
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -215,13 +215,14 @@ def test_fairseq_checkpoint_file(tmp_path: Path) -> None:
     assert same_features(load_model(legacy), src)
 
 
-@pytest.mark.skipif(not FAIRSEQ_TINY.is_dir(), reason="../shared/data/fairseq-tiny is not here")
+@needs_fairseq_tiny
 @pytest.mark.parametrize(
     "name", ["d2v2_image", "d2v2_image_dictconfig", "d2v1_audio", "d2v1_audio_legacy", "d2v2_audio", "d2v2_text"]
 )
 def test_checkpoints_written_by_fairseq(name: str) -> None:
     """Real fairseq files: read by the chain, and the model computes fairseq's last block output
     (the first input, alone where the reference has it)."""
+    assert FAIRSEQ_TINY is not None
     pre = load_pretrained(FAIRSEQ_TINY / f"{name}.pt")
     assert pre.kind == "fairseq" and pre.source == f"fairseq {FAIRSEQ_TINY / f'{name}.pt'}"
     model = build_model(pre)

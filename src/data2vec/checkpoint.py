@@ -22,8 +22,11 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
+import re
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,14 +247,77 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, ver
 
 
 def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load that only accepts tensors and plain containers: no pickled code ever runs."""
+    """torch.load that only accepts tensors and plain containers: no pickled code ever runs. A
+    refused pickle, a file that is not torch's and a torn one each raise CheckpointError, one line
+    naming the file and what was found (never torch's advice on loading the file unsafely)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not refused_globals(e) and torch_file_format(path) is None:
+            raise CheckpointError(f"{path}: {NOT_A_TORCH_FILE}") from None
         raise CheckpointError(
-            f"{path}: refused to load: it holds pickled objects other than tensors and plain containers "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            f"{path}: refused to load: {refusal_reason(e)}; only tensors and plain containers are read, "
+            "and nothing from the file was executed"
         ) from None
+    except Exception as e:  # torn, corrupt or not torch's: RuntimeError, EOFError, IndexError, KeyError, ...
+        problem = NOT_A_TORCH_FILE if torch_file_format(path) is None else unreadable_torch_file(e)
+        raise CheckpointError(f"{path}: {problem}") from None
+
+
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+"""The number a file in torch's legacy (non-zip) format starts with, pickled."""
+
+NOT_A_TORCH_FILE = "not a torch checkpoint file (neither a zip archive nor torch's legacy format)"
+
+_TORCH_ADVICE = ("weights_only", "can still be loaded", "trust", "safe_globals", "file an issue", "PyTorch 2.6")
+"""Phrases of torch's hints on loading a refused file anyway: never repeated to the user."""
+
+
+def torch_file_format(path: Path) -> str | None:
+    """'zip' or 'legacy' for a file in one of torch.save's formats, else None; read without
+    unpickling (the legacy format's first pickle, a few bytes, holds its magic number).
+    FileNotFoundError if there is no such file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        return "zip"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    try:
+        first = [arg for _, arg, _ in pickletools.genops(head)]
+    except Exception:  # not a pickle: random bytes, text, another format
+        return None
+    return "legacy" if TORCH_LEGACY_MAGIC in first else None
+
+
+def refused_globals(e: Exception) -> list[str]:
+    """The globals torch's weights-only reader names in its error `e` (sorted; empty if none)."""
+    # torch writes a builtin without its module ("GLOBAL exec"): put it back
+    return sorted({n if "." in n else f"builtins.{n}" for n in re.findall(r"GLOBAL ([\w.]+)", str(e))})
+
+
+def refusal_reason(e: Exception) -> str:
+    """What torch's weights-only reader refused, from its error: the globals it names, else the
+    reader's own complaint; without torch's advice on loading the file with weights_only=False."""
+    names = refused_globals(e)
+    if names:
+        return f"it pickles {', '.join(names)}"
+    text = str(e)
+    detail = text.rsplit("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load", 1)[0]
+    lines = [ln.strip().removeprefix("Weights only load failed.").strip() for ln in detail.splitlines()]
+    lines = [ln for ln in lines if ln and not any(a in ln for a in _TORCH_ADVICE)]
+    found = re.search(r"but got (.+)$", lines[0]) if lines else None
+    what = f"an unsupported {found.group(1)}" if found else lines[0] if lines else "an unsupported construct"
+    return f"its pickle holds what the safe reader does not accept ({what})"
+
+
+def unreadable_torch_file(e: Exception) -> str:
+    """A torn or corrupt torch file's problem, in one line (torch's first sentence)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = first.split(". ", 1)[0].rstrip(".")
+    return f"unreadable torch file, truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
 
 
 @dataclass

@@ -40,12 +40,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from data2vec.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from data2vec.config import ConfigError, RunConfig
-from data2vec.interop.common import CONFIG, HEAD_JSON, HEAD_WEIGHTS, WEIGHTS, InteropError, read_json
+from data2vec.interop.common import (
+    CONFIG,
+    HEAD_JSON,
+    HEAD_WEIGHTS,
+    WEIGHTS,
+    InteropError,
+    read_json,
+    read_safetensors,
+)
 from data2vec.interop.fairseq import is_fairseq_checkpoint, load_fairseq
 from data2vec.interop.hf import HFHead, HFImport, load_hf
 from data2vec.joint import JointConfig, is_joint, member_weights
@@ -148,7 +155,7 @@ def _checkpoint(ckpt: Path, given: Path, modality: str | None) -> Pretrained:
         raise CheckpointError(f"{ckpt}: {problem}")
     step = int(json.loads((ckpt / "manifest.json").read_text())["step"])
     config = json.loads((ckpt / "config.json").read_text())
-    student = load_file(str(ckpt / "student.safetensors"))
+    student = read_safetensors(ckpt / "student.safetensors", CheckpointError)
     where = f"checkpoint {ckpt} (step {step})"
     if is_joint(config):
         joint = JointConfig.from_dict(config)
@@ -172,9 +179,9 @@ def _own_folder(path: Path, data: dict[str, object], given: str) -> Pretrained:
         raise InteropError(f"{path / CONFIG}: {e}") from None
     head = None
     if (path / HEAD_JSON).is_file():
-        weights = load_file(str(path / HEAD_WEIGHTS)) if (path / HEAD_WEIGHTS).is_file() else {}
+        weights = read_safetensors(path / HEAD_WEIGHTS) if (path / HEAD_WEIGHTS).is_file() else {}
         head = HFHead.from_description(read_json(path / HEAD_JSON), weights)
-    return Pretrained(cfg, load_file(str(path / WEIGHTS)), f"data2vec {path}", given, "data2vec", head)
+    return Pretrained(cfg, read_safetensors(path / WEIGHTS), f"data2vec {path}", given, "data2vec", head)
 
 
 # ============================================================================ weights into a model

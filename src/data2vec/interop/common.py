@@ -1,6 +1,7 @@
 """What the interop readers and writers share: the error they raise, our pretrained-model
-folder's file names and its writer (`save_pretrained`), and the helpers that write a folder
-atomically (`write_folder`, `tensors_for_saving`).
+folder's file names and its writer (`save_pretrained`), the readers of JSON and safetensors files
+that name the file in their errors (`read_json`, `read_safetensors`), and the helpers that write a
+folder atomically (`write_folder`, `tensors_for_saving`).
 
 `data2vec.interop.hf` and `data2vec.interop.fairseq` import from here, never from the package
 `data2vec.interop`; reading any source, our folder included, is `data2vec.pretrained`'s job.
@@ -14,7 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from data2vec.checkpoint import replace_folder
@@ -45,6 +47,15 @@ def read_json(path: Path) -> dict[str, object]:
     if not isinstance(data, dict):
         raise InteropError(f"{path}: expected a JSON object")
     return data
+
+
+def read_safetensors(path: Path, error: type[Exception] = InteropError) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; `error` naming the file if it is torn or not safetensors."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{path}: not a readable safetensors file ({detail})") from None
 
 
 def write_folder(

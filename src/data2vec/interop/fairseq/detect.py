@@ -13,6 +13,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from data2vec.checkpoint import torch_file_format
+
 SIGNATURES: dict[str, Callable[[set[str]], bool]] = {
     "data2vec_multi": lambda s: any(k.startswith("modality_encoders.") for k in s),
     "data2vec_text": lambda s: any(k.startswith(("encoder.sentence_encoder.", "decoder.sentence_encoder.")) for k in s),
@@ -24,10 +26,6 @@ SIGNATURES: dict[str, Callable[[set[str]], bool]] = {
 """Which checkpoint kind a set of (prefix-free) model keys is, tried in this order."""
 
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-"""The number a torch checkpoint in the legacy (non-zip) format starts with, pickled."""
-
-
 def _strings(ops: Iterator[tuple[object, object, object]]) -> set[str]:
     return {arg for _, arg, _ in ops if isinstance(arg, str)}
 
@@ -35,7 +33,8 @@ def _strings(ops: Iterator[tuple[object, object, object]]) -> set[str]:
 def _pickle_strings(path: Path) -> set[str] | None:
     """The strings in a torch checkpoint's pickle (its dict keys among them), read without
     unpickling; None if the file is not a torch checkpoint (zip or legacy format)."""
-    if zipfile.is_zipfile(path):
+    fmt = torch_file_format(path)
+    if fmt == "zip":
         try:
             with zipfile.ZipFile(path) as zf:
                 names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -45,12 +44,11 @@ def _pickle_strings(path: Path) -> set[str] | None:
             return _strings(pickletools.genops(io.BytesIO(data)))
         except Exception:
             return None
+    if fmt is None:
+        return None
     try:  # legacy: the pickled magic number, protocol version and system info, then the object
         with open(path, "rb") as f:
-            magic = [arg for _, arg, _ in pickletools.genops(f)]
-            if _LEGACY_MAGIC not in magic:
-                return None
-            for _ in range(2):
+            for _ in range(3):
                 for _ in pickletools.genops(f):
                     pass
             return _strings(pickletools.genops(f))

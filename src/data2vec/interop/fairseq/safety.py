@@ -14,18 +14,26 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import collections
+import contextlib
 import io
 import pickle
 import pickletools
 import types
-import zipfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from data2vec.checkpoint import (
+    NOT_A_TORCH_FILE,
+    refusal_reason,
+    refused_globals,
+    torch_file_format,
+    unreadable_torch_file,
+)
 from data2vec.interop.fairseq.common import FairseqImportError
 
 
@@ -213,28 +221,46 @@ def _scan_globals(path: Path) -> set[str]:
 
 
 def safe_load(path: Path) -> Any:
-    """Load a torch checkpoint without running pickled code (see the module docstring)."""
-    mmap = zipfile.is_zipfile(path)
+    """Load a torch checkpoint without running pickled code (see the module docstring). A refused
+    pickle, a file that is not torch's and a torn one each raise FairseqImportError, one line naming
+    the file and what was found (never torch's advice on loading the file unsafely)."""
+    fmt = torch_file_format(path)
+    mmap = fmt == "zip"
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), _quiet():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if fmt is None and not refused_globals(e):
+            raise FairseqImportError(f"{path}: {NOT_A_TORCH_FILE}") from None
         unsafe = _unsafe_globals(path)
         refused = [g for g in unsafe if not _is_config_global(g)]
         if refused or not unsafe:
-            what = f"it pickles {', '.join(refused)}" if refused else first_line
+            what = f"it pickles {', '.join(refused)}" if refused else refusal_reason(e)
             raise FairseqImportError(
                 f"{path}: refused to load: {what}, outside the allow-list of plain checkpoint types "
                 "(tensors, containers, argparse.Namespace, numpy values, configuration classes); "
                 "nothing from it was executed"
             ) from None
+    except Exception as e:  # torn, corrupt or not torch's: RuntimeError, EOFError, IndexError, KeyError, ...
+        raise FairseqImportError(f"{path}: {NOT_A_TORCH_FILE if fmt is None else unreadable_torch_file(e)}") from None
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(), mmap=mmap
-        )
+        with _quiet():
+            return torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(), mmap=mmap
+            )
     except pickle.UnpicklingError as e:
         raise FairseqImportError(f"{path}: refused to load: {e}; nothing from it was executed") from None
+    except Exception as e:
+        raise FairseqImportError(f"{path}: {unreadable_torch_file(e)}") from None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch's warning that a pickle protocol above 2 may hold instructions its weights-only reader
+    lacks, silenced: a refusal says what it was."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def plain(obj: Any, depth: int = 0) -> Any:

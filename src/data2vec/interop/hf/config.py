@@ -7,6 +7,7 @@ share (defaults, one-to-one encoder fields, fixed encoder settings) are in `tabl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +37,44 @@ def _get(hf: dict[str, Any], modality: str, key: str) -> Any:
     return hf[key] if key in hf and hf[key] is not None else DEFAULTS[modality][key]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Values:
+    """A config.json's values by type (missing or null: the transformers default). A value of
+    another type raises InteropError naming the key, what it should be and what it is: a string
+    "192" or a float 6.5 is never turned into a number."""
+
+    def __init__(self, hf: dict[str, Any], modality: str) -> None:
+        self.hf, self.modality = hf, modality
+
+    def _checked(self, key: str, ok: Callable[[Any], bool], expected: str) -> Any:
+        value = _get(self.hf, self.modality, key)
+        if not ok(value):
+            raise InteropError(f"{key}: expected {expected}, got {value!r}")
+        return value
+
+    def integer(self, key: str) -> int:
+        return int(self._checked(key, _is_int, "an integer"))
+
+    def number(self, key: str) -> float:
+        return float(self._checked(key, lambda v: _is_int(v) or isinstance(v, float), "a number"))
+
+    def flag(self, key: str) -> bool:
+        return bool(self._checked(key, lambda v: isinstance(v, bool), "true or false"))
+
+    def text(self, key: str) -> str:
+        return str(self._checked(key, lambda v: isinstance(v, str), "a string"))
+
+    def integers(self, key: str) -> list[int]:
+        value = self._checked(key, lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers")
+        return [int(v) for v in value]
+
+    def raw(self, key: str) -> Any:
+        return _get(self.hf, self.modality, key)
+
+
 def _activation(name: str, key: str) -> Activation:
     if name not in ACT_IN:
         raise InteropError(f"{key}={name!r} is not supported (supported: {', '.join(sorted(ACT_IN))})")
@@ -50,95 +89,97 @@ def _mlp_ratio(dim: int, hidden: int) -> float:
 
 
 def _pair(value: Any, key: str) -> tuple[int, int]:
-    if isinstance(value, int):
+    if _is_int(value):
         return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_int, value)):
         return (int(value[0]), int(value[1]))
     raise InteropError(f"{key}: expected an integer or two, got {value!r}")
 
 
 def model_config(hf: dict[str, Any], modality: Modality) -> ModelConfig:
-    """Our data2vec 1.0 ModelConfig for a transformers config.json of `modality`."""
-
-    def g(key: str) -> Any:
-        return _get(hf, modality, key)
-
-    dim = int(g("hidden_size"))
+    """Our data2vec 1.0 ModelConfig for a transformers config.json of `modality`. A value of the
+    wrong type (a string, list or fractional number where an integer belongs, ...) raises
+    InteropError naming the key."""
+    v = _Values(hf, modality)
+    dim = v.integer("hidden_size")
     common = EncoderConfig(
         dim=dim,
-        depth=int(g("num_hidden_layers")),
-        num_heads=int(g("num_attention_heads")),
-        mlp_ratio=_mlp_ratio(dim, int(g("intermediate_size"))),
-        norm_eps=float(g("layer_norm_eps")),
-        activation=_activation(g("hidden_act"), "hidden_act"),
+        depth=v.integer("num_hidden_layers"),
+        num_heads=v.integer("num_attention_heads"),
+        mlp_ratio=_mlp_ratio(dim, v.integer("intermediate_size")),
+        norm_eps=v.number("layer_norm_eps"),
+        activation=_activation(v.text("hidden_act"), "hidden_act"),
     )
 
     def encoder(**changes: Any) -> EncoderConfig:
         """`common` with the modality's fixed settings, its one-to-one float fields and `changes`."""
-        floats: dict[str, Any] = {ours: float(g(key)) for key, ours in ENCODER_FLOATS[modality].items()}
+        floats: dict[str, Any] = {ours: v.number(key) for key, ours in ENCODER_FLOATS[modality].items()}
         return replace(common, **FIXED_ENCODER[modality], **floats, **changes)
 
     if modality == "image":
-        h, w = _pair(g("image_size"), "image_size")
-        ph, pw = _pair(g("patch_size"), "patch_size")
+        h, w = _pair(v.raw("image_size"), "image_size")
+        ph, pw = _pair(v.raw("patch_size"), "patch_size")
         if ph != pw:
             raise InteropError(f"patch_size {ph}x{pw}: only square patches are supported")
-        shared, per_layer = bool(g("use_shared_relative_position_bias")), bool(g("use_relative_position_bias"))
+        shared, per_layer = v.flag("use_shared_relative_position_bias"), v.flag("use_relative_position_bias")
         bias: PositionBias = (
             "both" if shared and per_layer else "shared" if shared else "per_layer" if per_layer else "none"
         )
-        enc = encoder(position_bias=bias, final_norm=not g("use_mean_pooling"))
+        enc = encoder(position_bias=bias, final_norm=not v.flag("use_mean_pooling"))
         image = ImageConfig(
             image_size=(h, w),
             patch_size=ph,
-            channels=int(g("num_channels")),
-            positions="learned" if g("use_absolute_position_embeddings") else "none",
+            channels=v.integer("num_channels"),
+            positions="learned" if v.flag("use_absolute_position_embeddings") else "none",
             cls_token=True,
             rel_pos_hf_resample=bias != "none" and h // ph != w // ph,
         )
         return ModelConfig(modality="image", version=1, encoder=enc, image=image)
     if modality == "audio":
-        if g("add_adapter"):
+        if v.flag("add_adapter"):
             raise InteropError("add_adapter=true: the adapter after the encoder is not supported")
-        _activation(g("feat_extract_activation"), "feat_extract_activation")
-        if g("feat_extract_activation") != "gelu":
-            raise InteropError(f"feat_extract_activation={g('feat_extract_activation')!r}: only 'gelu' is supported")
-        depth = int(g("num_conv_pos_embeddings"))
+        extractor_act = v.text("feat_extract_activation")
+        _activation(extractor_act, "feat_extract_activation")
+        if extractor_act != "gelu":
+            raise InteropError(f"feat_extract_activation={extractor_act!r}: only 'gelu' is supported")
+        depth = v.integer("num_conv_pos_embeddings")
         if depth < 1:
             raise InteropError("num_conv_pos_embeddings=0 (no positional conv layers) is not supported")
-        dims, kernels, strides = g("conv_dim"), g("conv_kernel"), g("conv_stride")
+        dims, kernels, strides = v.integers("conv_dim"), v.integers("conv_kernel"), v.integers("conv_stride")
         if not len(dims) == len(kernels) == len(strides):
             raise InteropError("conv_dim, conv_kernel and conv_stride differ in length")
         enc = encoder()
         audio = AudioConfig(
-            conv_layers=tuple((int(c), int(k), int(s)) for c, k, s in zip(dims, kernels, strides, strict=True)),
-            conv_bias=bool(g("conv_bias")),
-            proj_norm_eps=float(g("layer_norm_eps")),
+            conv_layers=tuple(zip(dims, kernels, strides, strict=True)),
+            conv_bias=v.flag("conv_bias"),
+            proj_norm_eps=v.number("layer_norm_eps"),
             pos_conv_depth=depth,
-            pos_conv_kernel=int(g("conv_pos_kernel_size")),
-            pos_conv_groups=int(g("num_conv_pos_embedding_groups")),
+            pos_conv_kernel=v.integer("conv_pos_kernel_size"),
+            pos_conv_groups=v.integer("num_conv_pos_embedding_groups"),
             pos_conv_zero_padding="input",
         )
         return ModelConfig(modality="audio", version=1, encoder=enc, audio=audio)
-    if g("is_decoder") or g("add_cross_attention"):
+    if v.flag("is_decoder") or v.flag("add_cross_attention"):
         raise InteropError("is_decoder / add_cross_attention: only the bidirectional encoder is supported")
-    vocab, pad = int(g("vocab_size")), int(g("pad_token_id"))
-    max_positions = int(g("max_position_embeddings")) - pad - 1
+    vocab, pad = v.integer("vocab_size"), v.integer("pad_token_id")
+    max_positions = v.integer("max_position_embeddings") - pad - 1
     if max_positions < 1:
-        raise InteropError(f"max_position_embeddings {g('max_position_embeddings')} leaves no positions after pad id")
-    mask_id = hf.get("mask_token_id")
-    unk_id = hf.get("unk_token_id", 3)
+        raise InteropError(
+            f"max_position_embeddings {v.integer('max_position_embeddings')} leaves no positions after pad id"
+        )
+    mask_id: Any = hf.get("mask_token_id")
+    unk_id: Any = hf.get("unk_token_id", 3)
     text = TextConfig(
         vocab_size=vocab,
         max_positions=max_positions,
         pad_id=pad,
-        bos_id=int(g("bos_token_id")),
-        eos_id=int(g("eos_token_id")),
-        mask_id=int(mask_id) if isinstance(mask_id, int) and 0 <= mask_id < vocab else vocab - 1,
-        unk_id=int(unk_id) if isinstance(unk_id, int) and 0 <= unk_id < vocab else pad,
-        embed_dropout=float(g("hidden_dropout_prob")),
-        layer_norm_eps=float(g("layer_norm_eps")),
-        type_vocab_size=int(g("type_vocab_size")),
+        bos_id=v.integer("bos_token_id"),
+        eos_id=v.integer("eos_token_id"),
+        mask_id=int(mask_id) if _is_int(mask_id) and 0 <= mask_id < vocab else vocab - 1,
+        unk_id=int(unk_id) if _is_int(unk_id) and 0 <= unk_id < vocab else pad,
+        embed_dropout=v.number("hidden_dropout_prob"),
+        layer_norm_eps=v.number("layer_norm_eps"),
+        type_vocab_size=v.integer("type_vocab_size"),
     )
     return ModelConfig(modality="text", version=1, encoder=encoder(), text=text)
 

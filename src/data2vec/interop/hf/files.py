@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from data2vec.config import ConfigError
-from data2vec.interop.common import InteropError, tensors_for_saving, write_folder
+from data2vec.interop.common import InteropError, read_json, read_safetensors, tensors_for_saving, write_folder
 from data2vec.interop.hf.config import exportable, hf_config, model_config, run_config
 from data2vec.interop.hf.head import HFHead, HFImport
 from data2vec.interop.hf.tables import BARE, DERIVED, HEAD_KINDS, HEAD_OUTPUT, MODEL_TYPE, NOT_CARRIED, PREFIX
@@ -51,15 +51,18 @@ def _load_weights(folder: Path) -> dict[str, Tensor]:
     from data2vec.checkpoint import CheckpointError, safe_torch_load
 
     def shards(index_name: str) -> list[Path]:
-        index = json.loads((folder / index_name).read_text())
-        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+        index = read_json(folder / index_name)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InteropError(f"{folder / index_name}: weight_map: expected an object of file names")
+        return [folder / name for name in sorted(set(weight_map.values()))]
 
     out: dict[str, Tensor] = {}
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     if (folder / "model.safetensors.index.json").is_file():
         for shard in shards("model.safetensors.index.json"):
-            out.update(load_file(str(shard)))
+            out.update(read_safetensors(shard))
         return out
     bins = []
     if (folder / "pytorch_model.bin").is_file():
@@ -71,7 +74,7 @@ def _load_weights(folder: Path) -> dict[str, Tensor]:
     for b in bins:
         try:
             sd = safe_torch_load(b)
-        except CheckpointError as e:
+        except (CheckpointError, FileNotFoundError) as e:
             raise InteropError(str(e)) from None
         if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
             raise InteropError(f"{b}: expected a flat dict of tensors")
@@ -85,14 +88,12 @@ def load_hf(path: str | Path) -> HFImport:
     folder = Path(path)
     if not folder.exists():
         folder = _download(str(path))
-    if not (folder / "config.json").is_file():
+    config_path = folder / "config.json"
+    if not config_path.is_file():
         raise InteropError(f"{folder}: no config.json")
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InteropError(f"{folder / 'config.json'}: unreadable ({e})") from None
+    hf = read_json(config_path)
     model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPE:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPE:
         raise InteropError(
             f"{folder}: model_type {model_type!r} is not a data2vec model ({', '.join(sorted(MODEL_TYPE))})"
         )
@@ -100,14 +101,27 @@ def load_hf(path: str | Path) -> HFImport:
     try:
         model = model_config(hf, modality)
         cfg = run_config(model)
+        architecture = _architecture(hf, modality)
+    except InteropError as e:
+        raise InteropError(f"{config_path}: {e}") from None
     except ConfigError as e:
         raise InteropError(f"{folder}: the config maps to an invalid model: {e}") from None
     backbone, head_weights = split_backbone(_load_weights(folder), modality)
     state = to_ours(backbone, model)
-    archs = hf.get("architectures") or []
-    architecture = str(archs[0]) if archs else BARE[modality]
     head = _head(architecture, head_weights, hf, modality)
     return HFImport(cfg, state, head, hf, str(path))
+
+
+def _architecture(hf: dict[str, Any], modality: str) -> str:
+    """The checkpoint's class (`architectures[0]`), the bare model's without one. InteropError if
+    `architectures` or `id2label` (read by `_head`) has the wrong shape."""
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InteropError(f"architectures: expected a list of class names, got {archs!r}")
+    labels = hf.get("id2label") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and k.strip().isdigit() for k in labels):
+        raise InteropError(f"id2label: expected an object with integer keys, got {labels!r}")
+    return archs[0] if archs else BARE[modality]
 
 
 def _head(architecture: str, weights: dict[str, Tensor], hf: dict[str, Any], modality: str) -> HFHead:
