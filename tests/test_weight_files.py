@@ -254,3 +254,15 @@ def test_config_json_errors_name_the_file(tmp_path: Path, capsys: pytest.Capture
     (folder / "config.json").write_text(json.dumps(dict(config, hidden_size=[192])))
     err = one_line_error(capsys, main(["convert", str(folder), str(tmp_path / "out")]))
     assert err == f"data2vec: error: {folder / 'config.json'}: hidden_size: expected an integer, got [192]"
+
+
+@pytest.mark.parametrize("header", list(BROKEN_HEADERS))
+def test_a_broken_checkpoint_file_read_without_checksums_names_the_file(tmp_path: Path, header: str) -> None:
+    from data2vec.checkpoint import load_checkpoint
+
+    ckpt, broken = _checkpoint(tmp_path)
+    broken.write_bytes(BROKEN_HEADERS[header])
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"student\.safetensors: not a readable safetensors file"):
+        load_checkpoint(ckpt, verify=False)  # what --ignore-checksums does

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -236,12 +237,23 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, ver
             raise CheckpointError(f"{path}: missing {name}")
     step = checkpoint_step(path)
     state = safe_torch_load(path / "state.pt", map_location)
+
+    def weights(name: str) -> dict[str, Tensor]:
+        try:
+            return load_file(str(path / name), device=str(map_location))
+        except SafetensorError as e:  # reached with verify=False only: a verified file reads
+            raise CheckpointError(f"{path / name}: not a readable safetensors file ({e})") from None
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
     return Checkpoint(
         path=path,
         step=step,
-        student=load_file(str(path / "student.safetensors"), device=str(map_location)),
-        teacher=load_file(str(path / "teacher.safetensors"), device=str(map_location)),
-        config=json.loads((path / "config.json").read_text()),
+        student=weights("student.safetensors"),
+        teacher=weights("teacher.safetensors"),
+        config=config,
         state=state,
     )
 
