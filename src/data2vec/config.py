@@ -429,6 +429,9 @@ class DataConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     on_bad_input: Literal["skip", "fail"] = "fail"
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels are refused from their header, before decoding (a bad input);
+    JPEGs are decoded at the smallest 1/2-1/8 scale that still covers what training needs."""
     audio: AudioDataConfig = field(default_factory=AudioDataConfig)
     text: TextDataConfig = field(default_factory=TextDataConfig)
 
@@ -442,6 +445,7 @@ class DataConfig:
         _check(0 <= self.color_jitter < 1, f"{key}.color_jitter", "must be in [0, 1)")
         _check(len(self.mean) == len(self.std), f"{key}.std", "mean and std must have the same length")
         _check(all(s > 0 for s in self.std), f"{key}.std", "must be positive")
+        _check(self.max_image_pixels >= 1, f"{key}.max_image_pixels", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,9 +11,12 @@ Sources:
   sample rate, a truncated file) makes the clip a bad input, since its batch was planned
   with the wrong length.
 
-Bad files (empty, not audio, cut short so that the decoder fails, NaN or infinite samples)
-raise `BadInputError` naming the file: at scan time when the header shows it, otherwise
-when the clip is read; under `data.on_bad_input=skip` they are left out and counted. A WAV
+Folder scans leave out hidden files and folders (names starting with ".", macOS `._*`
+files among them). Bad files (missing, a symbolic link that loops, empty, not audio, cut
+short so that the decoder fails, NaN or infinite samples) raise `BadInputError` naming the
+file (and, for a missing one, the manifest that lists it): at scan time when the header
+shows it, otherwise when the clip is read; under `data.on_bad_input=skip` they are left
+out and counted. A WAV
 whose header promises more frames than the file holds is read up to its end (libsndfile
 reports the true length). If two epochs of batches bring no usable clip, the run stops
 with an error instead of looping.
@@ -49,8 +52,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import AudioDataConfig, RunConfig
-from data2vec.data.batch import PretrainBatch, PretrainItem
-from data2vec.data.errors import BadInputError
+from data2vec.data.batch import NothingUsable, PretrainBatch, PretrainItem
+from data2vec.data.errors import BadInputError, check_file
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 from data2vec.data.sampling import batch_generator, sample_seed
 from data2vec.data.workers import ignore_stop_signals
@@ -70,7 +73,7 @@ rounds); beyond it the clip is a bad input."""
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """A file as a mono float32 waveform at `sample_rate`; BadInputError names the file."""
     where = str(path)
-    _check_not_empty(Path(path))
+    check_file(where)  # missing, a looping link, a folder, 0 bytes: said plainly (libsndfile: 'System error.')
     try:
         data, rate = sf.read(where, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
@@ -85,14 +88,11 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def _check_not_empty(path: Path) -> None:
-    """A zero-byte file gets its own message (libsndfile would say 'Format not recognised')."""
-    try:
-        empty = path.stat().st_size == 0
-    except OSError:
-        return  # the reader names the problem
-    if empty:
-        raise BadInputError(str(path), "empty file (0 bytes)")
+def _listed_in(error: BadInputError, manifest: str) -> BadInputError:
+    """A missing file's error, saying which manifest lists it."""
+    if manifest and error.reason.startswith("no such file"):
+        return BadInputError(error.path, f"{error.reason}; listed in {manifest}")
+    return error
 
 
 def normalize_waveform(wav: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -167,6 +167,8 @@ class AudioSource:
     min_samples: int = 0
     skipped: list[str] = field(default_factory=list)
     """'path: reason' for unreadable files (on_bad_input=skip)."""
+    manifest: str = ""
+    """The manifest the clips are listed in ('' for a folder or a single file)."""
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -233,8 +235,9 @@ def iter_manifest(path: Path) -> Iterator[tuple[Path, int | None]]:
 
 
 def find_audio_files(folder: Path) -> list[Path]:
-    """Every audio file under `folder`, recursively, in path order (evaluation inputs and labelled sets)."""
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+    """Every audio file under `folder`, recursively, in path order (evaluation inputs and labelled
+    sets); hidden files and folders are left out, as in every folder scan (data/index.py)."""
+    files = [Path(f) for f in sorted_table(walk_files(folder, AUDIO_EXTENSIONS), sep=os.sep)]
     if not files:
         raise ValueError(f"{folder}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
     return files
@@ -246,6 +249,7 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     entries: Iterable[tuple[Path, int | None]]
+    manifest = ""
     if p.is_dir():
         files = sorted_table(walk_files(p, AUDIO_EXTENSIONS), sep=os.sep)
         if not len(files):
@@ -255,8 +259,9 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
         entries = [(p, None)]
     else:
         entries = iter_manifest(p)  # streamed: a long manifest is never held as a list
+        manifest = str(path)
     clips = ClipTable()
-    source = AudioSource(str(path), cfg.sample_rate, clips, min_samples=cfg.min_sample_size)
+    source = AudioSource(str(path), cfg.sample_rate, clips, min_samples=cfg.min_sample_size, manifest=manifest)
     listed_any = False
     for f, n in entries:
         listed_any = True
@@ -266,8 +271,8 @@ def scan_audio(path: str, cfg: AudioDataConfig, on_bad_input: str = "fail") -> A
                 n = header_length(f, cfg.sample_rate)
             except BadInputError as e:
                 if on_bad_input == "fail":
-                    raise
-                source.skipped.append(str(e))
+                    raise _listed_in(e, manifest) from None
+                source.skipped.append(str(_listed_in(e, manifest)))
                 continue
         if n < cfg.min_sample_size:
             source.too_short += 1
@@ -287,9 +292,7 @@ def header_length(path: Path, sample_rate: int) -> int:
     """A file's length at `sample_rate`, from its header; BadInputError for a file that is missing,
     empty or not audio."""
     where = str(path)
-    if not path.is_file():
-        raise BadInputError(where, "no such file")
-    _check_not_empty(path)
+    check_file(where)
     try:
         info = sf.info(where)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
@@ -397,7 +400,7 @@ class AudioDataset(Dataset[PretrainItem]):
                     "fix the count or leave it out",
                 )
         except BadInputError as e:
-            return PretrainItem(None, seed, str(e))
+            return PretrainItem(None, seed, str(_listed_in(e, self.source.manifest)))
         if self.cfg.normalize:
             wav = normalize_waveform(wav)
         n, limit = len(wav), self.cfg.max_sample_size
@@ -460,18 +463,12 @@ class AudioBatches(Iterator[PretrainBatch]):
         self._it, self.source, self.on_bad_input = it, source, on_bad_input
         self._pending = list(source.skipped)
         self.notes = source.notes()
-        self.empty_limit, self._empty_run = empty_limit, 0
+        self._nothing_usable = NothingUsable(source.location, "clips", len(source.clips), empty_limit)
 
     def __next__(self) -> PretrainBatch:
         b = next(self._it)
-        self._empty_run = self._empty_run + 1 if b.inputs.numel() == 0 else 0
-        if self.empty_limit and self._empty_run >= self.empty_limit and self.on_bad_input != "fail":
-            last = b.skipped[-1] if b.skipped else "none"
-            raise BadInputError(
-                self.source.location,
-                f"no usable clips: none of the {len(self.source.clips)} clips could be read in "
-                f"{self._empty_run} batches in a row (last: {last})",
-            )
+        if self.on_bad_input != "fail":
+            self._nothing_usable.check(b)
         if b.skipped and self.on_bad_input == "fail":
             msg = b.skipped[0]
             path = next((c.path for c in self.source.clips if msg.startswith(c.path + ": ")), "")

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from data2vec.data.errors import BadInputError
+
 
 class PretrainItem(NamedTuple):
     """One pretraining sample as a loader worker returns it (images, speech)."""
@@ -40,3 +42,24 @@ class EvalItem(NamedTuple):
     name: str
     length: int
     load: Callable[[], Tensor]
+
+
+class NothingUsable:
+    """Stops a run whose data has nothing usable left. Under data.on_bad_input=skip the training
+    loop waits for a batch with at least one usable sample; when every sample is bad it would
+    wait forever. `limit` batches in a row without one (two epochs' worth: every sample was
+    tried) raise BadInputError for the data instead, naming the last reason."""
+
+    def __init__(self, location: str, what: str, count: int, limit: int) -> None:
+        self.location, self.what, self.count, self.limit = location, what, count, limit
+        self.run = 0
+
+    def check(self, batch: PretrainBatch) -> None:
+        self.run = self.run + 1 if batch.inputs.numel() == 0 else 0
+        if self.limit and self.run >= self.limit:
+            last = batch.skipped[-1] if batch.skipped else "none"
+            raise BadInputError(
+                self.location,
+                f"no usable {self.what}: none of the {self.count} {self.what} could be read in "
+                f"{self.run} batches in a row (last: {last})",
+            )

@@ -56,11 +56,15 @@ def _text_tensor(cfg: RunConfig, ids: Any) -> Tensor:
 
 
 def image_items(cfg: RunConfig, path: Path) -> list[EvalItem]:
-    """An image file, or every image of a folder or tar shards."""
+    """An image file, or every image of a folder or tar shards. JPEGs are decoded at a reduced
+    scale no smaller than the model's input, and images over data.max_image_pixels are refused
+    (`decode_image`)."""
     prepare = partial(_image_tensor, cfg)
+    size, limit = cfg.model.image.image_size, cfg.data.max_image_pixels
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [EvalItem(str(path), 1, partial(_then, partial(decode_image, str(path), str(path)), prepare))]
-    source = open_image_source(str(path), on_bad_input="fail")
+        load = partial(decode_image, str(path), str(path), min_size=size, max_pixels=limit)
+        return [EvalItem(str(path), 1, partial(_then, load, prepare))]
+    source = open_image_source(str(path), on_bad_input="fail", min_size=size, max_pixels=limit)
     return [EvalItem(source.name(i), 1, partial(_then, partial(source.load, i), prepare)) for i in range(len(source))]
 
 

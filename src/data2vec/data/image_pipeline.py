@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import RunConfig
-from data2vec.data.batch import PretrainBatch, PretrainItem
+from data2vec.data.batch import NothingUsable, PretrainBatch, PretrainItem
 from data2vec.data.errors import BadInputError
 from data2vec.data.images import ImageSource, PretrainTransform, open_image_source
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
@@ -62,12 +63,57 @@ class Collate:
         return PretrainBatch(x, mask, skipped)
 
 
+def pretrain_decode_size(
+    size: tuple[int, int], crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int]:
+    """The least (height, width) a JPEG is decoded at for pretraining: large enough that the
+    smallest crop the augmentation takes (area fraction crop_scale[0], aspect ratio in
+    crop_ratio) still spans the output's size, so reduced-scale decoding never upsamples it.
+    Such a crop spans sqrt(scale * ratio) of the image's side (or sqrt(scale / ratio))."""
+    narrowest = min(crop_ratio[0], 1 / crop_ratio[1], 1.0)
+    side = math.ceil(max(size) / math.sqrt(max(crop_scale[0], 1e-6) * narrowest))
+    return side, side
+
+
 def image_source_for(cfg: RunConfig) -> ImageSource:
     if not cfg.data.path:
         raise FileNotFoundError("data.path: no data given (pass --data PATH)")
     return open_image_source(
-        cfg.data.path, image_size=cfg.model.image.image_size[0], on_bad_input=cfg.data.on_bad_input
+        cfg.data.path,
+        image_size=cfg.model.image.image_size[0],
+        on_bad_input=cfg.data.on_bad_input,
+        min_size=pretrain_decode_size(cfg.model.image.image_size, cfg.data.crop_scale),
+        max_pixels=cfg.data.max_image_pixels,
     )
+
+
+class ImageBatches(Iterator[PretrainBatch]):
+    """The loader's batches. What indexing found wrong with tar shards under on_bad_input=skip
+    (cut short, damaged headers: `TarShardSource.problems`) rides on the first batch, so the
+    run's summary lists each once; and with skip, two epochs of batches without one usable
+    image stop the run with a BadInputError for the data (`NothingUsable`) instead of looping."""
+
+    def __init__(
+        self, it: Iterator[PretrainBatch], source: ImageSource, location: str, on_bad_input: str, empty_limit: int
+    ) -> None:
+        self._it, self.on_bad_input = it, on_bad_input
+        problems = [str(p) for p in getattr(source, "problems", [])]
+        self._pending = problems
+        self.notes = (
+            [f"images: {len(problems)} damaged part(s) of tar shards left out (data.on_bad_input=skip)"]
+            if problems
+            else []
+        )
+        self._nothing_usable = NothingUsable(location, "images", len(source), empty_limit)
+
+    def __next__(self) -> PretrainBatch:
+        b = next(self._it)
+        if self.on_bad_input != "fail":
+            self._nothing_usable.check(b)
+        if self._pending:
+            b = b._replace(skipped=self._pending + b.skipped)
+            self._pending = []
+        return b
 
 
 def image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -> tuple[Iterator[PretrainBatch], int]:
@@ -100,7 +146,8 @@ def image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -
         generator=torch.Generator().manual_seed(cfg.train.seed),
         **loader_kwargs,
     )
-    return iter(loader), len(dataset)
+    batches = ImageBatches(iter(loader), source, dcfg.path, dcfg.on_bad_input, 2 * sampler.batches_per_epoch)
+    return batches, len(dataset)
 
 
 class ImagePipeline:

@@ -114,7 +114,13 @@ def sorted_table(strings: Iterable[str], sep: str = "") -> StringTable:
 
 def walk_files(root: str | Path, extensions: tuple[str, ...]) -> Iterator[str]:
     """Paths under `root` (recursively) whose lower-cased suffix is in `extensions`, as strings,
-    streamed with os.scandir (no Path objects, no full listing held)."""
+    streamed with os.scandir (no Path objects, no full listing held).
+
+    Names starting with "." are left out, files and folders alike: hidden folders (`.git`,
+    `.thumbs`, `.Trash`) and macOS's `._name` AppleDouble files, which carry a file's metadata,
+    not its data. Symbolic links to folders are not followed (no loops). A symbolic link whose
+    target cannot be learned (it loops, or points nowhere) is listed: reading it then reports
+    it like any other bad file, under data.on_bad_input."""
     stack = [str(root)]
     while stack:
         folder = stack.pop()
@@ -124,7 +130,17 @@ def walk_files(root: str | Path, extensions: tuple[str, ...]) -> Iterator[str]:
             continue
         with entries:
             for e in entries:
+                if e.name.startswith("."):
+                    continue
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-                elif os.path.splitext(e.name)[1].lower() in extensions and e.is_file():
+                elif os.path.splitext(e.name)[1].lower() in extensions and _file_or_bad_link(e):
                     yield e.path
+
+
+def _file_or_bad_link(entry: os.DirEntry[str]) -> bool:
+    """A regular file (or a link to one), or a symbolic link that loops or points nowhere."""
+    try:
+        return entry.is_file() or (entry.is_symlink() and not entry.is_dir())
+    except OSError:  # ELOOP: a link that loops
+        return True

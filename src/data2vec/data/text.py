@@ -1,6 +1,7 @@
 """Text data: documents from plain text, JSONL or TSV files, tokenised once and packed into blocks.
 
-Inputs (`data.path` is a file or a folder, searched recursively, files in sorted order):
+Inputs (`data.path` is a file or a folder, searched recursively, files in sorted order;
+hidden files and folders, names starting with ".", are left out):
 
 - plain text (.txt, .text, .md, .rst, or any other file given by name): one document
   per line (blank lines are skipped) or one per file (`data.text.document`);
@@ -45,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import MaskingConfig, RunConfig, TextConfig, TextDataConfig
 from data2vec.data.batch import PretrainBatch
-from data2vec.data.errors import BadInputError
+from data2vec.data.errors import BadInputError, check_file
+from data2vec.data.index import sorted_table, walk_files
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
 from data2vec.data.workers import ignore_stop_signals
 from data2vec.modalities.text import draw_text_masks
@@ -73,11 +75,8 @@ def list_text_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if p.is_file():
         return [p]
-    files = sorted(
-        f
-        for f in p.rglob("*")
-        if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in f.parts)
-    )
+    # Hidden files and folders under `path` are left out (data/index.py); a hidden folder above it is not.
+    files = [Path(f) for f in sorted_table(walk_files(p, TEXT_SUFFIXES), sep=os.sep)]
     if not files:
         raise ValueError(f"{path}: no text files found (looked for {', '.join(TEXT_SUFFIXES)})")
     return files
@@ -85,7 +84,12 @@ def list_text_files(path: str | Path) -> list[Path]:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line without its newline), strict UTF-8 (a leading BOM is dropped)."""
-    with open(path, "rb") as f:
+    check_file(path, empty_ok=True)  # missing, a looping symbolic link, a folder: said plainly
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise BadInputError(str(path), f"cannot be read ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -414,8 +418,13 @@ class TextPipeline:
             tokenizer.save(tok_path)
         cache = run_dir / "tokens.bin"
         stats = tokenize_corpus(files, tokenizer, dcfg, cfg.data.on_bad_input, cache)
-        if stats.tokens == 0:
-            raise ValueError(f"{cfg.data.path}: no usable text (skipped: {'; '.join(stats.skipped) or 'nothing'})")
+        if stats.tokens == 0:  # a BadInputError: one line, as for the other modalities
+            why = (
+                f"{len(stats.skipped)} bad input(s) skipped, the first: {stats.skipped[0]}"
+                if stats.skipped
+                else "its files hold no tokens"
+            )
+            raise BadInputError(cfg.data.path, f"no usable text ({why})")
         text = replace(
             cfg.model.text,
             vocab_size=tokenizer.vocab_size,
