@@ -30,6 +30,7 @@ from data2vec.presets import preset  # noqa: E402
 from data2vec.training import train  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "collapse"
+PRECISION = "bf16"
 
 
 def data_overrides(name: str, work: Path) -> list[str]:
@@ -58,7 +59,7 @@ def measure(name: str, version: int, steps: int, work: Path, extra: list[str]) -
             "train.min_pred_std=0",
             "train.log_every=1",
             f"train.ckpt_every={steps}",
-            "train.precision=bf16",
+            f"train.precision={PRECISION}",
             "data.num_workers=0",
             *extra,
         ],
@@ -97,8 +98,11 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=30, help="steps per base preset (0: skip them)")
     p.add_argument("--only", default="", help="comma-separated preset names")
     p.add_argument("--versions", default="1,2", help="comma-separated data2vec versions")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--work", default="/tmp/collapse-stats")
     args = p.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -128,7 +132,7 @@ def main() -> None:
     lines = [
         "# Collapse-monitor statistics on healthy runs",
         "",
-        f"Command: `{cmd}` (pinned to one core, 1 thread). Machine: {common.machine()}. bf16 autocast.",
+        f"Command: `{cmd}` (pinned to one core, 1 thread). Machine: {common.machine()}. {PRECISION}.",
         "Statistics over the steps after the first fifth of each run (warm-up excluded); `init` is step 1.",
         "",
         "| preset | version | steps | minutes | target_std init / min / median / final "

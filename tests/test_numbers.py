@@ -238,3 +238,34 @@ def test_mask_leaving_no_visible_token_is_warned(tmp_path: Path) -> None:
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("no visible token") == 1, log
     assert "masking.mask_prob=0.999" in log
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from data2vec.training import devices
+
+    cpu, real = torch.device("cpu"), devices.native_bf16
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(devices, "native_bf16", lambda kind, native=native: native)
+        assert devices.resolve_precision(cpu, "auto") == want
+        assert devices.resolve_precision(cpu, "fp32") == "fp32" and devices.resolve_precision(cpu, "bf16") == "bf16"
+        assert (devices.precision_warning(cpu, "bf16") is None) == native
+        assert devices.precision_warning(cpu, "auto") is None
+    assert preset("image-base", 2).train.precision == "auto"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if cpuinfo:  # what the kernel says this CPU has
+        assert real("cpu") == ("amx_tile" in cpuinfo or "avx512_bf16" in cpuinfo)
+
+
+def test_emulated_bf16_is_warned_in_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data2vec.training import devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda kind: False)
+    train(tiny_run_config(2, "train.steps=1", "train.precision=auto"), tmp_path / "auto", progress=False, quiet=True)
+    log = (tmp_path / "auto" / "train.log").read_text()
+    assert "fp32 on cpu" in log and "bf16 products are emulated" not in log
+    train(tiny_run_config(2, "train.steps=1", "train.precision=bf16"), tmp_path / "bf16", progress=False, quiet=True)
+    log = (tmp_path / "bf16" / "train.log").read_text()
+    assert "bf16 on cpu" in log and log.count("bf16 products are emulated") == 1

@@ -454,7 +454,10 @@ class TrainConfig:
     """Optimizer steps."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (the EMA updates once per optimizer step)."""
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (targets, losses and the EMA stay fp32) or fp32. auto: bf16 where the device
+    has bf16 matrix units (CUDA with bf16; a CPU with AMX or AVX512-BF16), fp32 elsewhere: on a
+    CPU without them bf16 products are emulated, many times slower than fp32."""
     device: str = "auto"
     seed: int = 0
     log_every: int = 1

@@ -120,7 +120,7 @@ def image_base_v2() -> RunConfig:
         loss=LossConfig(beta=0.0, scale="rsqrt_dim", cls_weight=2.56),
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50_040, clip_grad=4.0),
         data=DataConfig(batch_size=16, crop_scale=(0.2, 1.0), hflip=True),
-        train=TrainConfig(steps=375_300, min_target_std=0.0, min_pred_std=0.0),
+        train=TrainConfig(steps=375_300),
     )
 
 
@@ -133,7 +133,7 @@ def image_large_v2() -> RunConfig:
         loss=LossConfig(beta=0.0, scale="rsqrt_dim", cls_weight=1.28),
         optim=OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50_040, clip_grad=4.0),
         data=DataConfig(batch_size=8, crop_scale=(0.2, 1.0), hflip=True),
-        train=TrainConfig(steps=375_300, min_target_std=0.0, min_pred_std=0.0),
+        train=TrainConfig(steps=375_300),
     )
 
 
@@ -192,7 +192,7 @@ def image_tiny_v2() -> RunConfig:
         loss=replace(cfg.loss, cls_weight=0.01 * 32 * 4),
         optim=replace(cfg.optim, lr=1e-3, warmup_steps=100),
         data=replace(cfg.data, batch_size=32),
-        train=TrainConfig(steps=2_000, ckpt_every=500, min_target_std=0.0, min_pred_std=0.0),
+        train=TrainConfig(steps=2_000, ckpt_every=500, collapse_after=500),
     )
 
 

@@ -32,7 +32,7 @@ from data2vec.distributed import setup as setup_distributed
 from data2vec.joint import JointConfig, JointData2Vec, is_joint, prepare_joint, steps_per_modality
 from data2vec.model import Data2Vec
 from data2vec.pretrained import Pretrained
-from data2vec.training.devices import resolve_device
+from data2vec.training.devices import precision_warning, resolve_device, resolve_precision
 from data2vec.training.engine import Engine
 from data2vec.training.hooks import RunContext, build_hooks, truncate_metrics
 from data2vec.training.init import apply_init, recorded_init
@@ -186,7 +186,10 @@ def _header(s: Session, what: str, details: str) -> str:
     dist, tc = s.ctx.dist, s.cfg.train
     n_params = sum(p.numel() for p in s.learner.model.parameters() if p.requires_grad)
     procs = f" x {dist.world_size} processes{' (FSDP)' if dist.fsdp else ''}" if dist.enabled else ""
-    return f"{what} | {n_params / 1e6:.2f}M trainable params | {details} | {tc.precision} on {s.learner.device}{procs}"
+    precision = resolve_precision(s.learner.device, tc.precision)
+    line = f"{what} | {n_params / 1e6:.2f}M trainable params | {details} | {precision} on {s.learner.device}{procs}"
+    warning = precision_warning(s.learner.device, tc.precision)
+    return line if warning is None else f"{line}\n{warning}"
 
 
 def train(
