@@ -194,13 +194,27 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="features.npy (mean: one (layers, N, D) array; none: an .npz beside it), .npz or .parquet; "
-        "<stem>.files.txt lists the inputs in order",
+        "<stem>.files.txt lists the inputs in order (one line each; data2vec.extract.read_names reads it)",
     )
     ext.add_argument("--batch-size", type=int, default=16, help="inputs per batch (default 16)")
     ext.add_argument(
         "--max-tokens", type=int, default=None, help="padded samples/tokens per batch (default: per modality)"
     )
     ext.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ext.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="longer inputs run in overlapping windows of this length: seconds for speech (default 30), "
+        "tokens for text (default and at most the model's positions); 0: run inputs whole (text: cut)",
+    )
+    ext.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="overlap of consecutive windows, same unit (default: a sixth of the window for speech, "
+        "a quarter for text)",
+    )
     ext.add_argument("--modality", help="which modality of a joint checkpoint (image, audio or text)")
     ext.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     ext.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -515,10 +529,37 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_window(cfg: RunConfig, window: float | None, overlap: float | None) -> tuple[int | None, int | None]:
+    """--window / --overlap (seconds for speech, tokens for text) in the model's input units."""
+    import math
+
+    from data2vec.extract import DEFAULT_WINDOW_SECONDS
+
+    modality = cfg.model.modality
+    if modality == "image":
+        if window is not None or overlap is not None:
+            raise ConfigError("window: --window and --overlap apply to speech and text, not images")
+        return None, None
+    unit = "s" if modality == "audio" else "tokens"
+    for key, value in (("window", window), ("overlap", overlap)):
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            raise ConfigError(f"{key}: {value:g} {unit}: must be a number >= 0")
+        if value is not None and modality == "text" and not value.is_integer():
+            raise ConfigError(f"{key}: {value:g} tokens: must be a whole number of tokens")
+    default = DEFAULT_WINDOW_SECONDS if modality == "audio" else cfg.model.text.max_positions
+    size = default if window is None else window
+    if size and overlap is not None and overlap >= size:
+        raise ConfigError(f"overlap: {overlap:g} {unit} must be smaller than the window ({size:g} {unit})")
+    if modality == "text":
+        return (None if window is None else int(window)), (None if overlap is None else int(overlap))
+    rate = cfg.data.audio.sample_rate
+    return round(rate * size), (None if overlap is None else round(rate * overlap))
+
+
 def _extract(args: argparse.Namespace) -> int:
     import torch
 
-    from data2vec.extract import describe, extract_items, read_inputs, write_features
+    from data2vec.extract import describe, extract_inputs, extract_items, window_settings, write_features
     from data2vec.training import resolve_device
 
     try:
@@ -542,7 +583,9 @@ def _extract(args: argparse.Namespace) -> int:
     m = pre.config.model
     blocks = m.encoder.prenet_depth + m.encoder.depth
     print(f"model: data2vec {m.version}.0 {m.modality}, {blocks} blocks, width {m.encoder.dim} ({pre.source})")
-    items = _checking_data(lambda: read_inputs(pre.config, args.input, args.tokenizer))
+    window, overlap = _extract_window(pre.config, args.window, args.overlap)
+    window_settings(model, window, overlap)  # checked before any input is read
+    items = _checking_data(lambda: extract_inputs(pre.config, args.input, args.tokenizer))
     names = [it.name for it in items]
     with torch.inference_mode():
         feats = extract_items(
@@ -554,6 +597,8 @@ def _extract(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             progress=not args.no_progress,
             precision=args.precision,
+            window=window,
+            overlap=overlap,
         )
     written = write_features(out, names, feats, args.pool)
     print(f"wrote {', '.join(str(w) for w in written)}: {describe(names, feats, args.pool)}")
