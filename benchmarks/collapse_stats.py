@@ -100,11 +100,12 @@ def main() -> None:
     p.add_argument("--versions", default="1,2", help="comma-separated data2vec versions")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--work", default="/tmp/collapse-stats")
+    p.add_argument("--out", default=str(OUT), help="results folder")
     args = p.parse_args()
     global PRECISION
     PRECISION = args.precision
     torch.set_num_threads(1)
-    work = Path(args.work)
+    work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, int, int, list[str]]] = []
     for name in ("digits-tiny", "image-tiny", "audio-tiny", "text-tiny"):
@@ -126,8 +127,8 @@ def main() -> None:
         r = measure(name, v, steps, work, extra)
         print(json.dumps(r), flush=True)
         results.append(r)
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     cmd = "python " + " ".join(sys.argv)
     lines = [
         "# Collapse-monitor statistics on healthy runs",
@@ -146,7 +147,7 @@ def main() -> None:
             f"| {r['preset']} | {r['version']}.0 | {r['steps']} | {r['minutes']:.1f} | {_cell(r, 'target_std')} | "
             f"{_cell(r, 'pred_std')} | {local_min} |"
         )
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
