@@ -177,6 +177,19 @@ def test_cli_extract_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert np.load(tmp_path / "one.npy").shape == (1, 1, 32)
 
 
+@pytest.mark.parametrize("spelling", ["separate", "equals"])
+def test_cli_negative_layer_lists_work_as_written(tmp_path: Path, spelling: str) -> None:
+    cfg = make_tiny_config(2)  # 3 blocks: -3..-1 are blocks 1..3
+    make_run(tmp_path / "run", cfg)
+    write_images(tmp_path / "imgs", 2)
+    out = tmp_path / "neg.npy"
+    layers = ["--layers", "-3,-2,-1"] if spelling == "separate" else ["--layers=-3,-2,-1"]
+    args = ["extract", "--checkpoint", str(tmp_path / "run"), "--input", str(tmp_path / "imgs"), "--no-progress"]
+    assert main([*args, *layers, "--out", str(out)]) == 0
+    assert main([*args, "--layers", "1,2,3", "--out", str(tmp_path / "pos.npy")]) == 0
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "pos.npy"))
+
+
 def test_cli_bad_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path / "run", make_tiny_config(2))
     write_images(tmp_path / "imgs", 2)

@@ -605,8 +605,26 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+DASH_VALUE_FLAGS = ("--layers",)
+"""Options whose value may start with a dash (`--layers -4,-3,-2,-1`), which argparse would
+otherwise read as an option."""
+
+
+def _join_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--layers -4,-3` as `--layers=-4,-3`, so negative layer lists work as written."""
+    out: list[str] = []
+    args = iter(argv)
+    for a in args:
+        if a in DASH_VALUE_FLAGS:
+            value = next(args, None)
+            out.append(a if value is None else f"{a}={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         return _run(args)
     except ConfigError as e:
