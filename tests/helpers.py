@@ -5,37 +5,15 @@ positional convs, a 1-layer decoder), and the RunConfigs built from them.
 
 from __future__ import annotations
 
+from data2vec import tiny
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.presets import preset
 
-TINY_AUDIO_SHAPE = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=4",
-    "model.audio.conv_layers=[[16,10,5],[16,3,2],[16,3,2]]",
-    "model.audio.pos_conv_depth=2",
-    "model.audio.pos_conv_kernel=5",
-    "model.audio.pos_conv_groups=4",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-]
+TINY_AUDIO_SHAPE = tiny.AUDIO_SHAPE
 """The speech model's widths and layers, without the decoder depth and the run settings."""
-
-TINY_AUDIO = [*TINY_AUDIO_SHAPE, "model.decoder.layers=1", "targets.top_k=2", "train.precision=fp32"]
-
-TINY_TEXT = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.layers=1",
-    "model.text.max_positions=32",
-    "model.text.mask_id=4",
-    "data.text.block_size=32",
-    "targets.top_k=2",
-    "train.precision=fp32",
-]
-"""The text model; the vocabulary size is left to the caller (a fixed one or a trained tokenizer's)."""
+TINY_AUDIO = tiny.AUDIO
+TINY_TEXT = tiny.TEXT
+"""The text model; the vocabulary size is left to the caller."""
 
 
 def tiny_audio_config(version: int = 2, *extra: str) -> RunConfig:

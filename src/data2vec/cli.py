@@ -173,6 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true")
 
+    doc = sub.add_parser(
+        "doctor", help="print what a bug report needs (versions, devices, bf16 support), then run a short self-test"
+    )
+    doc.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]")
+    doc.add_argument("--no-self-test", action="store_true", help="only print the report")
+
     sub.add_parser("presets", help="list the presets")
 
     ext = sub.add_parser("extract", help="per-layer features of a pretrained encoder for a file or folder")
@@ -659,6 +665,10 @@ def _run(args: argparse.Namespace) -> int:
         return _pretrain(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "doctor":
+        from data2vec.doctor import main as doctor
+
+        return doctor(args.device, self_check=not args.no_self_test)
     if args.command == "convert":
         return _convert(args)
     if args.command == "extract":
