@@ -69,11 +69,14 @@ class FakeObjective:
     def __init__(self, model: FakeModel, nan_at: tuple[int, ...] = (), collapse_at: tuple[int, ...] = ()) -> None:
         self.model, self.nan_at, self.collapse_at = model, set(nan_at), set(collapse_at)
         self.position = 0
+        self.streams: list[int] = []
+        """The data stream of every seek (the number of rewinds before it)."""
         self.seen: list[tuple[int, int, float]] = []
         """(step, data position, random draw) of every forward."""
 
-    def seek(self, step: int) -> list[str]:
+    def seek(self, step: int, stream: int = 0) -> list[str]:
         self.position = step
+        self.streams.append(stream)
         return []
 
     def forward_backward(self, step: int) -> StepOutcome:
@@ -136,7 +139,7 @@ def test_a_skipped_step_leaves_weights_and_teacher_untouched(tmp_path: Path) -> 
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())  # the poisoned gradient is dropped
     assert ctx.state.nan_skipped == 1
-    assert lines[0] == "non-finite loss at step 3: step skipped (1 so far, train.on_nan=skip)"
+    assert lines[0] == "non-finite loss at step 3 (loss nan, grad norm nan): step skipped (1 so far, train.on_nan=skip)"
     assert math.isnan(ctx.history[-1]["loss"])  # the skipped step is still recorded
     engine.step(3)
     assert not torch.equal(model.encoder.weight, after["encoder.weight"])
@@ -185,7 +188,7 @@ def test_each_group_lr_scale_applies(tmp_path: Path) -> None:
     assert ctx.history[-1]["lr"] == 0.05
 
 
-def test_a_rewind_restores_weights_rng_and_data_position(tmp_path: Path) -> None:
+def test_a_rewind_restores_weights_and_data_position_in_a_new_stream(tmp_path: Path) -> None:
     model = FakeModel()
     objective = FakeObjective(model, collapse_at=(4,))
     engine, ctx, lines = _engine(tmp_path, objective, on_collapse="rewind", rewind_lr_factor=0.5)
@@ -201,8 +204,9 @@ def test_a_rewind_restores_weights_rng_and_data_position(tmp_path: Path) -> None
     assert engine.run(0) == 6
     assert [s for s, _, _ in objective.seen] == [0, 1, 2, 3, 4, 3, 4, 5]
     first, replay = objective.seen[3:5], objective.seen[5:7]
-    assert [p for _, p, _ in replay] == [p for _, p, _ in first] == [3, 4]  # data position restored
-    assert [d for _, _, d in replay] == [d for _, _, d in first]  # RNG restored
+    assert [p for _, p, _ in replay] == [p for _, p, _ in first] == [3, 4]  # data position restored ...
+    assert objective.streams == [0, 1]  # ... in a newly seeded stream (other batches and masks)
+    assert all(d != e for (_, _, d), (_, _, e) in zip(replay, first, strict=True))  # and a reseeded RNG
     a, b = before_3  # student and teacher back at the step-3 checkpoint
     assert all(torch.equal(a[k], b[k]) for k in a) and any(k.startswith("teacher.") for k in a)
     assert len(model.decays) == 8  # 5 steps, then 3 again from step 3
