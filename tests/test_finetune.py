@@ -130,6 +130,19 @@ def test_image_from_pretrained_run_end_to_end(tmp_path: Path) -> None:
     assert ev.metrics["accuracy"] == pytest.approx(result.best_metric)
 
 
+def test_a_torn_fine_tuned_model_is_named(tmp_path: Path) -> None:
+    from data2vec.interop import InteropError
+
+    write_tar(tmp_path / "train.tar")
+    write_tar(tmp_path / "eval.tar", n=4)
+    ft = finetune_preset("image_cls", **{**FAST, "epochs": 1})
+    finetune(image_config(1), ft, tmp_path / "train.tar", tmp_path / "eval.tar", tmp_path / "ft", quiet=True)
+    weights = tmp_path / "ft" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InteropError, match=r"best/model\.safetensors: not a readable safetensors file"):
+        load_finetuned(tmp_path / "ft")
+
+
 def test_image_tar_shards_with_cls_labels(tmp_path: Path) -> None:
     write_tar(tmp_path / "train.tar")
     write_tar(tmp_path / "eval.tar", n=4)

@@ -188,7 +188,7 @@ def save_finetuned(path: Path, model: FinetuneModel, rcfg: RunConfig, meta: dict
 def load_finetuned(path: str | Path) -> tuple[FinetuneModel, RunConfig, dict[str, Any]]:
     """A fine-tuned model saved by `finetune` (its `best/` folder), in eval mode, with its
     encoder config and `finetune.json` (config, classes or letters, metric)."""
-    from safetensors.torch import load_file
+    from data2vec.interop.common import read_safetensors
 
     p = Path(path)
     if (p / "best").is_dir():
@@ -199,7 +199,7 @@ def load_finetuned(path: str | Path) -> tuple[FinetuneModel, RunConfig, dict[str
     meta = json.loads((p / "finetune.json").read_text())
     cfg = FinetuneConfig.from_dict(meta["config"])
     model = FinetuneModel(Data2Vec.from_config(rcfg), cfg.task, int(meta["num_outputs"]), cfg.head_norm)
-    model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
+    model.load_state_dict(read_safetensors(p / "model.safetensors"), strict=True)
     return model.eval(), rcfg, meta
 
 
