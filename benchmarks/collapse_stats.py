@@ -101,7 +101,14 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--work", default="/tmp/collapse-stats")
     p.add_argument("--out", default=str(OUT), help="results folder")
+    p.add_argument(
+        "--merge", nargs="+", default=[], metavar="JSON", help="only write one table from earlier results.json files"
+    )
     args = p.parse_args()
+    if args.merge:
+        merged = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        write_tables(merged, Path(args.out), "the runs listed below, merged")
+        return
     global PRECISION
     PRECISION = args.precision
     torch.set_num_threads(1)
@@ -129,11 +136,16 @@ def main() -> None:
         results.append(r)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    cmd = "python " + " ".join(sys.argv)
+    write_tables(results, out, f"`python {' '.join(sys.argv)}`")
+
+
+def write_tables(results: list[dict[str, Any]], out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Collapse-monitor statistics on healthy runs",
         "",
-        f"Command: `{cmd}` (pinned to one core, 1 thread). Machine: {common.machine()}. {PRECISION}.",
+        f"Command: {command} (pinned to one core, 1 thread). Machine: {common.machine()}. {PRECISION}.",
         "Statistics over the steps after the first fifth of each run (warm-up excluded); `init` is step 1.",
         "",
         "| preset | version | steps | minutes | target_std init / min / median / final "
