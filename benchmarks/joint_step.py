@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from data2vec.doctor import cpu_name
 from data2vec.joint import JointConfig, JointData2Vec, joint_tiny, step_weights
 from data2vec.model import Batch
 from data2vec.schedules import ema_decay
@@ -140,16 +140,6 @@ def table(results: list[dict[str, Any]], header: str) -> str:
         per = ", ".join(f"{m} {v:.0f}" for m, v in r["modes"]["one"]["step_ms"].items())
         lines.append(f"\n{r['precision']}, one-modality steps (median ms): {per}.")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

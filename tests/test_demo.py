@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from data2vec.cli import main
+from data2vec.tiny import IMAGE_SHAPE
 
 SHRINK = [
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=1",
-    "targets.top_k=2",
+    *IMAGE_SHAPE,
     "data.batch_size=16",
     "data.num_workers=0",
 ]

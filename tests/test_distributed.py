@@ -20,18 +20,13 @@ import torch
 from data2vec.checkpoint import list_checkpoints, load_checkpoint
 from data2vec.config import ConfigError, RunConfig, apply_overrides
 from data2vec.presets import preset
+from data2vec.tiny import IMAGE_SHAPE
 from data2vec.training import train
 
 TINY = [
     "data.path=builtin:digits:train",
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=1",
+    *IMAGE_SHAPE,
     "model.decoder.mask_noise_std=0.0",
-    "targets.top_k=2",
     "data.batch_size=4",
     "data.num_workers=0",
     "train.precision=fp32",

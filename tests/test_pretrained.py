@@ -226,7 +226,9 @@ def test_checkpoints_written_by_fairseq(name: str) -> None:
     pre = load_pretrained(FAIRSEQ_TINY / f"{name}.pt")
     assert pre.kind == "fairseq" and pre.source == f"fairseq {FAIRSEQ_TINY / f'{name}.pt'}"
     model = build_model(pre)
-    ref = torch.load(FAIRSEQ_TINY / f"ref_{name.removesuffix('_dictconfig').removesuffix('_legacy')}.pt")
+    ref = torch.load(
+        FAIRSEQ_TINY / f"ref_{name.removesuffix('_dictconfig').removesuffix('_legacy')}.pt", weights_only=True
+    )
     modality = pre.config.model.modality
     if modality == "image":
         x = ref["image"][:1]

@@ -17,17 +17,12 @@ from safetensors.torch import load_file
 from data2vec.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from data2vec.config import RunConfig, apply_overrides
 from data2vec.presets import preset
+from data2vec.tiny import IMAGE_SHAPE
 from data2vec.training import TrainingStopped, train
 
 TINY = [
     "data.path=builtin:digits:train",
-    "model.encoder.dim=32",
-    "model.encoder.depth=2",
-    "model.encoder.num_heads=2",
-    "model.decoder.dim=32",
-    "model.decoder.groups=4",
-    "model.decoder.layers=1",
-    "targets.top_k=2",
+    *IMAGE_SHAPE,
     "data.batch_size=8",
     "data.num_workers=0",
     "train.log_every=1",

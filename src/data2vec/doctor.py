@@ -66,7 +66,8 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -94,7 +95,7 @@ def report() -> list[tuple[str, str]]:
     ]
     lines += [(f"extra: {name}", _version(name)) for name in EXTRAS]
     lines += [
-        ("cpu", f"{_cpu_name()}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}"),
+        ("cpu", f"{cpu_name()}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}"),
         (
             "cpu bf16 matrix units",
             f"AMX {'yes' if torch.cpu._is_amx_tile_supported() else 'no'}, AVX512-BF16 "
