@@ -417,7 +417,14 @@ class TextDataConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str = ""
-    """Image folder, tar shard(s) (a file, a folder of .tar, or a glob), or 'builtin:digits'."""
+    """Image folder, tar shard(s) (a file, a folder of .tar, or a glob), or 'builtin:digits'; an
+    audio folder or manifest; text files; or parquet/arrow files of any modality (a file, folder or glob)."""
+    column: str = ""
+    """Parquet/arrow data: the column holding the images, audio or text ("" = the one column of a
+    fitting type)."""
+    shuffle_buffer: int = 4096
+    """Parquet/arrow data: rows are shuffled within windows of consecutive row groups holding at
+    least this many rows (each loader worker keeps up to two windows' row groups decoded)."""
     batch_size: int = 32
     """Samples per micro-batch (per process)."""
     num_workers: int = 1
@@ -446,6 +453,7 @@ class DataConfig:
         _check(len(self.mean) == len(self.std), f"{key}.std", "mean and std must have the same length")
         _check(all(s > 0 for s in self.std), f"{key}.std", "must be positive")
         _check(self.max_image_pixels >= 1, f"{key}.max_image_pixels", "must be >= 1")
+        _check(self.shuffle_buffer >= 1, f"{key}.shuffle_buffer", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

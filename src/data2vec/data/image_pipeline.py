@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from data2vec.config import RunConfig
 from data2vec.data.batch import NothingUsable, PretrainBatch, PretrainItem
 from data2vec.data.errors import BadInputError
-from data2vec.data.images import ImageSource, PretrainTransform, open_image_source
+from data2vec.data.images import ImageSource, PretrainTransform, TableImageSource, open_image_source
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
+from data2vec.data.tables import RowGroupBatchSampler
 from data2vec.data.workers import ignore_stop_signals
 from data2vec.masking import masks_from_config
 
@@ -84,12 +85,13 @@ def image_source_for(cfg: RunConfig) -> ImageSource:
         on_bad_input=cfg.data.on_bad_input,
         min_size=pretrain_decode_size(cfg.model.image.image_size, cfg.data.crop_scale),
         max_pixels=cfg.data.max_image_pixels,
+        column=cfg.data.column,
     )
 
 
 class ImageBatches(Iterator[PretrainBatch]):
     """The loader's batches. What indexing found wrong with tar shards under on_bad_input=skip
-    (cut short, damaged headers: `TarShardSource.problems`) rides on the first batch, so the
+    (cut short, damaged headers: `TarShardSource.problems`; unusable parquet/arrow files) rides on the first batch, so the
     run's summary lists each once; and with skip, two epochs of batches without one usable
     image stop the run with a BadInputError for the data (`NothingUsable`) instead of looping."""
 
@@ -100,7 +102,7 @@ class ImageBatches(Iterator[PretrainBatch]):
         problems = [str(p) for p in getattr(source, "problems", [])]
         self._pending = problems
         self.notes = (
-            [f"images: {len(problems)} damaged part(s) of tar shards left out (data.on_bad_input=skip)"]
+            [f"images: {len(problems)} damaged file(s) or part(s) of tar shards left out (data.on_bad_input=skip)"]
             if problems
             else []
         )
@@ -129,9 +131,16 @@ def image_loader(cfg: RunConfig, start_batch: int, rank: int, world_size: int) -
         std=dcfg.std,
     )
     dataset = ImagePretrainDataset(source, transform, dcfg.on_bad_input)
-    sampler = ResumableBatchSampler(
-        len(dataset), dcfg.batch_size, cfg.train.seed, start_batch, rank=rank, world_size=world_size
-    )
+    sampler: ResumableBatchSampler | RowGroupBatchSampler
+    if isinstance(source, TableImageSource):  # read a row group at a time (data/tables.py)
+        sampler = RowGroupBatchSampler(
+            source.rows.group_rows, dcfg.batch_size, cfg.train.seed, start_batch, rank, world_size, dcfg.shuffle_buffer
+        )
+        source.rows.cache_groups = sampler.cache_groups
+    else:
+        sampler = ResumableBatchSampler(
+            len(dataset), dcfg.batch_size, cfg.train.seed, start_batch, rank=rank, world_size=world_size
+        )
     loader_kwargs: dict[str, Any] = {}
     if dcfg.num_workers > 0:
         loader_kwargs = {"persistent_workers": True, "prefetch_factor": 4}

@@ -10,6 +10,8 @@ Sources give random access to decoded PIL images (plus an optional integer label
   never extracted. A shard cut short, or with a damaged member header, is reported once
   (shard, byte offset, the member lost); reading resumes at the next readable header.
 - `ArraySource`: images in a uint8 array (the built-in `builtin:digits`).
+- `TableImageSource`: an image column of parquet or arrow files (data/tables.py), read a row
+  group at a time.
 
 Decoding never holds more than it needs: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8
 scale that keeps it at least `min_size` (the model's input is far smaller than a photo),
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from data2vec.data.errors import BadInputError, check_file, file_problem, stable_reason
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
+from data2vec.data.tables import RowSpec, TableRows, is_table_path, row_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
@@ -402,6 +405,44 @@ class ArraySource(ImageSource):
         return None if self.labels is None else int(self.labels[index])
 
 
+class TableImageSource(ImageSource):
+    """Images in a column of parquet/arrow files: the hub's `{bytes, path}` struct or plain
+    binary (data/tables.py); with `label_column` not None, labels from that column ("" = `label`)."""
+
+    def __init__(
+        self,
+        path: str,
+        on_bad_input: str = "fail",
+        *,
+        column: str = "",
+        label_column: str | None = None,
+        min_size: tuple[int, int] | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        spec = RowSpec("image", column, label=label_column is not None, label_column=label_column or "")
+        self.rows = TableRows(path, spec, on_bad_input)
+        self.problems = self.rows.problems
+        self.classes = self.rows.classes
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, index: int) -> str:
+        return self.rows.name(index)
+
+    def load(self, index: int) -> Image.Image:
+        where = self.rows.name(index)
+        data = row_bytes(self.rows.row(index), where)
+        return decode_image(data, where, min_size=self.min_size, max_pixels=self.max_pixels)
+
+    def label(self, index: int) -> int | None:
+        if "label" not in self.rows.columns[0]:
+            return None
+        value = self.rows.row(index, "label")
+        return int(value) if isinstance(value, (int, np.integer)) and value >= 0 else None
+
+
 def digits_array(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to size x size uint8."""
     from sklearn.datasets import load_digits
@@ -428,9 +469,12 @@ def open_image_source(
     *,
     min_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    column: str = "",
+    label_column: str | None = None,
 ) -> ImageSource:
-    """A source for a folder, a tar file, a folder of tar files, a glob of tar files, or builtin:digits.
-    `min_size` and `max_pixels`: see `decode_image`."""
+    """A source for a folder, a tar file, a folder of tar files, a glob of tar files, parquet/arrow
+    files (a file, folder or glob; `column` and `label_column`: see `TableImageSource`), or
+    builtin:digits. `min_size` and `max_pixels`: see `decode_image`."""
     if path.startswith("builtin:digits"):
         split = path.removeprefix("builtin:digits").lstrip(":") or "all"
         if split not in DIGITS_SPLITS:
@@ -438,6 +482,10 @@ def open_image_source(
         images, labels = digits_array(image_size)
         idx = digits_split(split)
         return ArraySource(images[idx], labels[idx], name=path)
+    if is_table_path(path, (*IMAGE_EXTENSIONS, ".tar")):
+        return TableImageSource(
+            path, on_bad_input, column=column, label_column=label_column, min_size=min_size, max_pixels=max_pixels
+        )
     if any(ch in path for ch in "*?["):
         shards = sorted(glob.glob(path))
         if not shards:
