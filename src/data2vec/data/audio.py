@@ -35,6 +35,7 @@ that crop. Micro-batch k of a run is a pure function of (seed, k), so runs resum
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
@@ -53,9 +54,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from data2vec.config import AudioDataConfig, RunConfig
 from data2vec.data.batch import NothingUsable, PretrainBatch, PretrainItem
-from data2vec.data.errors import BadInputError, check_file
+from data2vec.data.errors import BadInputError, check_file, stable_reason
 from data2vec.data.index import StringTableBuilder, sorted_table, walk_files
 from data2vec.data.sampling import batch_generator, sample_seed
+from data2vec.data.tables import RowGroupBatchSampler, RowSpec, TableRows, is_table_path, row_bytes
 from data2vec.data.workers import ignore_stop_signals
 from data2vec.masking import masks_from_config
 from data2vec.modalities.audio import conv_output_length, conv_output_lengths
@@ -74,18 +76,49 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """A file as a mono float32 waveform at `sample_rate`; BadInputError names the file."""
     where = str(path)
     check_file(where)  # missing, a looping link, a folder, 0 bytes: said plainly (libsndfile: 'System error.')
+    return decode_audio(where, where, sample_rate)
+
+
+def decode_audio(data: str | bytes, where: str, sample_rate: int) -> np.ndarray:
+    """Encoded audio (a file's path, or its bytes: wav, flac, ogg) as a mono float32 waveform at
+    `sample_rate`; BadInputError names `where`."""
     try:
-        data, rate = sf.read(where, dtype="float32", always_2d=True)
+        frames, rate = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
-        raise BadInputError(where, f"not a readable audio file ({e})") from None
-    if data.shape[0] == 0:
+        raise BadInputError(where, f"not a readable audio file ({stable_reason(e)})") from None
+    return to_waveform(frames, rate, where, sample_rate)
+
+
+def to_waveform(samples: np.ndarray, rate: int, where: str, sample_rate: int) -> np.ndarray:
+    """(frames,) or (frames, channels) samples at `rate` -> mono float32 at `sample_rate`, checked."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.ndim != 2 or data.shape[0] == 0:
         raise BadInputError(where, "empty audio (0 samples)")
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(wav).all():
         raise BadInputError(where, "audio holds NaN or infinite samples")
+    if rate <= 0:
+        raise BadInputError(where, f"sampling rate {rate} is not positive")
     if rate != sample_rate:
         wav = soxr.resample(wav, rate, sample_rate)
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def table_waveform(rows: TableRows, index: int, sample_rate: int) -> np.ndarray:
+    """Row `index` of a parquet/arrow audio column (data/tables.py) as a mono float32 waveform:
+    encoded bytes (plain, or the hub's `{bytes, path}` struct), a `{array, sampling_rate}`
+    struct, or a list of samples with the rate in its own column."""
+    where = rows.name(index)
+    value = rows.row(index)
+    if isinstance(value, dict) and "array" in value:
+        if value.get("array") is None:
+            raise BadInputError(where, "null value (no samples in the row)")
+        return to_waveform(np.asarray(value["array"]), int(value.get("sampling_rate") or 0), where, sample_rate)
+    if isinstance(value, list):
+        return to_waveform(np.asarray(value), int(rows.row(index, "rate") or 0), where, sample_rate)
+    return decode_audio(row_bytes(value, where), where, sample_rate)
 
 
 def _listed_in(error: BadInputError, manifest: str) -> BadInputError:
@@ -387,20 +420,27 @@ class AudioDataset(Dataset[PretrainItem]):
     def __len__(self) -> int:
         return len(self.source)
 
+    def read(self, index: int) -> np.ndarray | None:
+        """Clip `index` as a waveform at the model's rate (None: too short to use)."""
+        clip = self.source.clips[index]
+        wav = load_audio(clip.path, self.cfg.sample_rate)
+        if clip.listed and abs(len(wav) - clip.samples) > max(2, LENGTH_TOLERANCE * clip.samples):
+            raise BadInputError(
+                clip.path,
+                f"decodes to {len(wav)} samples at {self.cfg.sample_rate} Hz but the manifest gives "
+                f"{clip.samples} (a count taken at another sample rate, or a truncated file?); "
+                "fix the count or leave it out",
+            )
+        return wav
+
     def __getitem__(self, item: tuple[int, int]) -> PretrainItem:
         index, seed = item
-        clip = self.source.clips[index]
         try:
-            wav = load_audio(clip.path, self.cfg.sample_rate)
-            if clip.listed and abs(len(wav) - clip.samples) > max(2, LENGTH_TOLERANCE * clip.samples):
-                raise BadInputError(
-                    clip.path,
-                    f"decodes to {len(wav)} samples at {self.cfg.sample_rate} Hz but the manifest gives "
-                    f"{clip.samples} (a count taken at another sample rate, or a truncated file?); "
-                    "fix the count or leave it out",
-                )
+            wav = self.read(index)
         except BadInputError as e:
             return PretrainItem(None, seed, str(_listed_in(e, self.source.manifest)))
+        if wav is None:
+            return PretrainItem(None, seed, None)
         if self.cfg.normalize:
             wav = normalize_waveform(wav)
         n, limit = len(wav), self.cfg.max_sample_size
@@ -408,6 +448,22 @@ class AudioDataset(Dataset[PretrainItem]):
             start = int(np.random.default_rng(seed).integers(0, n - limit + 1))
             wav = wav[start : start + limit]
         return PretrainItem(torch.from_numpy(wav.copy()), seed, None)
+
+
+class TableAudioDataset(AudioDataset):
+    """Clips from a parquet/arrow audio column, read a row group at a time; a clip shorter than
+    min_sample_size is dropped from its batch (its length is learned only when it is read)."""
+
+    def __init__(self, rows: TableRows, source: AudioSource, cfg: AudioDataConfig) -> None:
+        super().__init__(source, cfg)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, index: int) -> np.ndarray | None:
+        wav = table_waveform(self.rows, index, self.cfg.sample_rate)
+        return wav if len(wav) >= self.cfg.min_sample_size else None
 
 
 class AudioCollate:
@@ -472,11 +528,28 @@ class AudioBatches(Iterator[PretrainBatch]):
         if b.skipped and self.on_bad_input == "fail":
             msg = b.skipped[0]
             path = next((c.path for c in self.source.clips if msg.startswith(c.path + ": ")), "")
-            raise BadInputError(path, msg[len(path) + 2 :]) if path else BadInputError(msg, "unreadable")
+            if path:  # otherwise (a table's row) the training loop raises it as it stands
+                raise BadInputError(path, msg[len(path) + 2 :])
         if self._pending:
             b = b._replace(skipped=self._pending + b.skipped)
             self._pending = []
         return b
+
+
+def is_table(cfg: RunConfig) -> bool:
+    """Whether the run reads parquet/arrow files (data/tables.py) rather than audio files."""
+    return bool(cfg.data.path) and is_table_path(cfg.data.path, AUDIO_EXTENSIONS)
+
+
+def table_rows(cfg: RunConfig) -> TableRows:
+    return TableRows(cfg.data.path, RowSpec("audio", cfg.data.column), cfg.data.on_bad_input)
+
+
+def table_batch_size(acfg: AudioDataConfig) -> int:
+    """Clips per batch from a table, whose clip lengths are unknown until read: as many clips of
+    max_sample_size as batch_seconds holds (at most max_batch_size)."""
+    n = max(1, int(acfg.batch_seconds * acfg.sample_rate) // acfg.max_sample_size)
+    return min(n, acfg.max_batch_size) if acfg.max_batch_size else n
 
 
 def audio_source_for(cfg: RunConfig) -> AudioSource:
@@ -499,29 +572,50 @@ class AudioPipeline:
 
     def check(self, cfg: RunConfig) -> None:
         check_frames(cfg)
-        audio_source_for(cfg)
+        if is_table(cfg):
+            table_rows(cfg)
+        else:
+            audio_source_for(cfg)
 
     def prepare(self, cfg: RunConfig, run_dir: Path) -> RunConfig:
         return cfg
 
     def loader(self, cfg: RunConfig, start_batch: int, rank: int, world_size: int) -> tuple[AudioBatches, int]:
         check_frames(cfg)
-        source = audio_source_for(cfg)
         acfg = cfg.data.audio
-        sampler = AudioBatchSampler(
-            [min(c.samples, acfg.max_sample_size) for c in source.clips],
-            budget=int(acfg.batch_seconds * acfg.sample_rate),
-            seed=cfg.train.seed,
-            start_batch=start_batch,
-            rank=rank,
-            world_size=world_size,
-            max_batch_size=acfg.max_batch_size,
-        )
+        dataset: AudioDataset
+        sampler: AudioBatchSampler | RowGroupBatchSampler
+        if is_table(cfg):
+            rows = table_rows(cfg)
+            source = AudioSource(cfg.data.path, acfg.sample_rate, ClipTable(), skipped=list(rows.problems))
+            dataset = TableAudioDataset(rows, source, acfg)
+            sampler = RowGroupBatchSampler(
+                rows.group_rows,
+                table_batch_size(acfg),
+                cfg.train.seed,
+                start_batch,
+                rank,
+                world_size,
+                cfg.data.shuffle_buffer,
+            )
+            rows.cache_groups = sampler.cache_groups
+        else:
+            source = audio_source_for(cfg)
+            dataset = AudioDataset(source, acfg)
+            sampler = AudioBatchSampler(
+                [min(c.samples, acfg.max_sample_size) for c in source.clips],
+                budget=int(acfg.batch_seconds * acfg.sample_rate),
+                seed=cfg.train.seed,
+                start_batch=start_batch,
+                rank=rank,
+                world_size=world_size,
+                max_batch_size=acfg.max_batch_size,
+            )
         loader_kwargs: dict[str, Any] = {}
         if cfg.data.num_workers > 0:
             loader_kwargs = {"persistent_workers": True, "prefetch_factor": 4}
         loader = DataLoader(
-            AudioDataset(source, acfg),
+            dataset,
             batch_sampler=sampler,
             collate_fn=AudioCollate(cfg),
             num_workers=cfg.data.num_workers,
@@ -530,4 +624,11 @@ class AudioPipeline:
             **loader_kwargs,
         )
         batches = AudioBatches(iter(loader), source, cfg.data.on_bad_input, 2 * sampler.batches_per_epoch)
-        return batches, len(source)
+        if isinstance(dataset, TableAudioDataset):
+            batches.notes = [
+                f"audio: {len(dataset)} rows in {len(dataset.rows.group_rows)} row group(s) from {cfg.data.path}; "
+                f"batches of {table_batch_size(acfg)} clips"
+            ]
+            if source.skipped:
+                batches.notes.append(f"audio: skipped {len(source.skipped)} unusable file(s) (data.on_bad_input=skip)")
+        return batches, len(dataset)
