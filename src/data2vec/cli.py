@@ -188,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a run directory, checkpoint folder, pretrained folder, transformers folder or fairseq checkpoint",
     )
     ext.add_argument(
-        "--input", required=True, help="a file or folder of images, audio files or text files (as for --data)"
+        "--input",
+        required=True,
+        help="a file or folder of images, audio files or text files, or parquet/arrow files (as for --data)",
     )
     ext.add_argument(
         "--layers", default="", help="comma-separated layers: 0 = encoder input, 1..L = blocks, -1 = last (default)"
@@ -207,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help="padded samples/tokens per batch (default: per modality)"
     )
     ext.add_argument("--tokenizer", help="text: tokenizer.json or folder (default: the model's own)")
+    ext.add_argument("--column", default="", help="parquet/arrow input: the column holding the inputs (default: found)")
     ext.add_argument(
         "--window",
         type=float,
@@ -591,7 +594,8 @@ def _extract(args: argparse.Namespace) -> int:
     print(f"model: data2vec {m.version}.0 {m.modality}, {blocks} blocks, width {m.encoder.dim} ({pre.source})")
     window, overlap = _extract_window(pre.config, args.window, args.overlap)
     window_settings(model, window, overlap)  # checked before any input is read
-    items = _checking_data(lambda: extract_inputs(pre.config, args.input, args.tokenizer))
+    cfg = replace(pre.config, data=replace(pre.config.data, column=args.column))
+    items = _checking_data(lambda: extract_inputs(cfg, args.input, args.tokenizer))
     names = [it.name for it in items]
     with torch.inference_mode():
         feats = extract_items(

@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from data2vec.config import ConfigError, RunConfig
 from data2vec.data.batch import EvalItem
+from data2vec.data.eval_inputs import check_exists
 from data2vec.data.eval_inputs import read_inputs as read_inputs  # re-export: extract.read_inputs
 from data2vec.data.labelled import load_text_tokenizer
 from data2vec.data.text import list_text_files, read_documents
@@ -532,13 +533,12 @@ def extract_inputs(cfg: RunConfig, path: str | Path, tokenizer: str | Path | Non
     if cfg.model.modality != "text":
         return read_inputs(cfg, path, tokenizer)
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    check_exists(p)
     tok = load_text_tokenizer(cfg, tokenizer)
     bos, eos = cfg.model.text.bos_id, cfg.model.text.eos_id
     items: list[EvalItem] = []
     for f in list_text_files(p):
-        docs = list(read_documents(f, cfg.data.text))
+        docs = list(read_documents(f, cfg.data.text, column=cfg.data.column))
         single = len(docs) == 1 and cfg.data.text.document == "file"
         short = [k for k, d in enumerate(docs) if len(d) <= TEXT_PIECE_CHARS]
         encoded = dict(zip(short, tok.encode_batch([docs[k] for k in short]), strict=True))

@@ -28,11 +28,13 @@ from data2vec.data.audio import (
     load_audio,
     normalize_waveform,
     read_manifest,
+    table_waveform,
 )
 from data2vec.data.batch import EvalItem
 from data2vec.data.errors import BadInputError
 from data2vec.data.images import IMAGE_EXTENSIONS, decode_image, eval_transform, open_image_source
 from data2vec.data.labelled import LabelledSet, load_text_tokenizer
+from data2vec.data.tables import RowSpec, TableRows, is_table_path
 from data2vec.data.text import list_text_files, read_documents, wrap_document
 from data2vec.modalities.audio import conv_output_length
 
@@ -64,22 +66,45 @@ def image_items(cfg: RunConfig, path: Path) -> list[EvalItem]:
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         load = partial(decode_image, str(path), str(path), min_size=size, max_pixels=limit)
         return [EvalItem(str(path), 1, partial(_then, load, prepare))]
-    source = open_image_source(str(path), on_bad_input="fail", min_size=size, max_pixels=limit)
+    source = open_image_source(str(path), on_bad_input="fail", min_size=size, max_pixels=limit, column=cfg.data.column)
     return [EvalItem(source.name(i), 1, partial(_then, partial(source.load, i), prepare)) for i in range(len(source))]
 
 
 def _load_clip(cfg: RunConfig, f: Path) -> Tensor:
+    return _ready_clip(cfg, load_audio(f, cfg.data.audio.sample_rate), str(f))
+
+
+def _ready_clip(cfg: RunConfig, wav: np.ndarray, where: str) -> Tensor:
     acfg = cfg.data.audio
-    wav = load_audio(f, acfg.sample_rate)
     if conv_output_length(len(wav), cfg.model.audio.conv_layers) < 1:
-        raise BadInputError(str(f), f"too short: {len(wav)} samples give no frame")
+        raise BadInputError(where, f"too short: {len(wav)} samples give no frame")
     if acfg.normalize:
         wav = normalize_waveform(wav)
     return torch.from_numpy(wav.copy())
 
 
+def _table_clip(cfg: RunConfig, rows: TableRows, index: int) -> Tensor:
+    wav = table_waveform(rows, index, cfg.data.audio.sample_rate)
+    return _ready_clip(cfg, wav, rows.name(index))
+
+
+def table_audio_items(cfg: RunConfig, path: Path) -> list[EvalItem]:
+    """Every row of a parquet/arrow audio column (data/tables.py), read a row group at a time.
+    Each clip's length (for batching by length) is learned by decoding it once now."""
+    rows = TableRows(str(path), RowSpec("audio", cfg.data.column))
+    rows.cache_groups = 1
+    rate = cfg.data.audio.sample_rate
+    return [
+        EvalItem(rows.name(i), len(table_waveform(rows, i, rate)), partial(_table_clip, cfg, rows, i))
+        for i in range(len(rows))
+    ]
+
+
 def audio_items(cfg: RunConfig, path: Path) -> list[EvalItem]:
-    """An audio file, every audio file under a folder, or the files a manifest lists."""
+    """An audio file, every audio file under a folder, the files a manifest lists, or the rows of
+    parquet/arrow files."""
+    if is_table_path(path, AUDIO_EXTENSIONS):
+        return table_audio_items(cfg, path)
     if path.is_dir():
         files = find_audio_files(path)
     elif path.suffix.lower() in AUDIO_EXTENSIONS:
@@ -99,7 +124,7 @@ def text_items(cfg: RunConfig, path: Path, tokenizer: str | Path | None = None) 
     items: list[EvalItem] = []
     truncated = 0
     for f in list_text_files(path):
-        docs = list(read_documents(f, cfg.data.text))
+        docs = list(read_documents(f, cfg.data.text, column=cfg.data.column))
         single = len(docs) == 1 and cfg.data.text.document == "file"
         for k, ids in enumerate(tok.encode_batch(docs), start=1):
             truncated += len(ids) > limit
@@ -108,12 +133,17 @@ def text_items(cfg: RunConfig, path: Path, tokenizer: str | Path | None = None) 
     return items, truncated
 
 
+def check_exists(path: Path) -> None:
+    """FileNotFoundError unless `path` exists or is a glob of parquet/arrow files that matches."""
+    if not path.exists() and not (any(c in str(path) for c in "*?[") and is_table_path(path)):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+
+
 def read_inputs(cfg: RunConfig, path: str | Path, tokenizer: str | Path | None = None) -> list[EvalItem]:
     """The inputs in a file or folder, for the model `cfg` describes (see the module doc); a
     file that cannot be used raises `BadInputError` naming it (when it is read)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    check_exists(p)
     modality = cfg.model.modality
     if modality == "image":
         return image_items(cfg, p)

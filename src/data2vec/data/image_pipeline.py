@@ -90,9 +90,9 @@ def image_source_for(cfg: RunConfig) -> ImageSource:
 
 
 class ImageBatches(Iterator[PretrainBatch]):
-    """The loader's batches. What indexing found wrong with tar shards under on_bad_input=skip
-    (cut short, damaged headers: `TarShardSource.problems`; unusable parquet/arrow files) rides on the first batch, so the
-    run's summary lists each once; and with skip, two epochs of batches without one usable
+    """The loader's batches. What indexing found wrong under on_bad_input=skip (tar shards cut
+    short or with damaged headers, `TarShardSource.problems`; unusable parquet/arrow files) rides
+    on the first batch, so the run's summary lists each once; and with skip, two epochs of batches without one usable
     image stop the run with a BadInputError for the data (`NothingUsable`) instead of looping."""
 
     def __init__(

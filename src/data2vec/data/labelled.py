@@ -4,7 +4,10 @@
 - audio: a folder with one sub-folder per class, or a TSV/JSONL manifest with a path column
   (`path`, `file`, `audio` or `id`; relative to the manifest's folder, the extension may be left
   out) and a label column (or, for transcripts, `transcript`, `text` or `sentence`);
-- text: a TSV/JSONL file with a text column (`sentence` or `text` unless named) and a label column.
+- text: a TSV/JSONL file with a text column (`sentence` or `text` unless named) and a label column;
+- any modality: parquet/arrow files (a file, folder or glob; data/tables.py) with a column of
+  images, audio or text and a label column (`label` unless named; for transcripts `transcript`,
+  `text` or `sentence`); class names recorded as a `datasets` ClassLabel feature are used.
 
 Class labels that are all integers are taken as class indices; names are sorted, or looked up in
 the training set's classes so that an eval set maps them to the same indices.
@@ -21,8 +24,11 @@ from typing import Any, Literal
 import numpy as np
 
 from data2vec.config import ConfigError, RunConfig
-from data2vec.data.audio import AUDIO_EXTENSIONS, find_audio_files, load_audio, normalize_waveform
-from data2vec.data.images import ImageFolderSource, open_image_source
+from data2vec.data.audio import AUDIO_EXTENSIONS, find_audio_files, load_audio, normalize_waveform, table_waveform
+from data2vec.data.errors import BadInputError
+from data2vec.data.images import IMAGE_EXTENSIONS, ImageFolderSource, TableImageSource, open_image_source
+from data2vec.data.tables import RowSpec, TableRows, is_table_path
+from data2vec.data.text import JSONL_SUFFIXES, PLAIN_SUFFIXES, TSV_SUFFIXES
 from data2vec.tokenizer import TextTokenizer
 
 Targets = Literal["class", "transcript", "value"]
@@ -71,6 +77,7 @@ def read_labelled(
     tokenizer: Any = None,
     label_column: str = "label",
     text_column: str = "",
+    column: str = "",
 ) -> LabelledSet:
     """The labelled examples in `path` (formats: see the module doc) for a `modality` model
     (default: the one `rcfg` describes; audio reads at its sample rate).
@@ -80,11 +87,19 @@ def read_labelled(
         classes: the training set's class names, so that an eval set maps names to the same indices.
         tokenizer: text: a tokenizer, or the path of one; None = the model's (`load_text_tokenizer`).
         label_column, text_column: the table's columns ("" = `sentence` or `text`).
+        column: parquet/arrow data: the column holding the inputs ("" = found from the schema).
     """
     p = str(path)
     if not Path(p).exists() and not p.startswith("builtin:") and not any(c in p for c in "*?["):
         raise FileNotFoundError(f"{path}: no such file or folder")
     modality = modality or rcfg.model.modality
+    own = {"image": (*IMAGE_EXTENSIONS, ".tar"), "audio": AUDIO_EXTENSIONS}.get(
+        modality, PLAIN_SUFFIXES + JSONL_SUFFIXES + TSV_SUFFIXES
+    )
+    if is_table_path(p, own):
+        if modality == "text" and (tokenizer is None or isinstance(tokenizer, (str, Path))):
+            tokenizer = load_text_tokenizer(rcfg, tokenizer or None)
+        return _table_set(p, rcfg, modality, targets, classes, tokenizer, label_column, column or text_column)
     if modality == "image":
         return _image_set(p)
     if modality == "audio":
@@ -103,6 +118,64 @@ def _image_set(path: str, on_bad_input: str = "fail") -> LabelledSet:
     if not classes:
         classes = [str(c) for c in range(max(int(lab or 0) for lab in labels) + 1)]
     return LabelledSet(source.load, [int(lab or 0) for lab in labels], classes, path)
+
+
+def _table_set(
+    path: str,
+    rcfg: RunConfig,
+    modality: str,
+    targets: Targets,
+    classes: Sequence[str] | None,
+    tokenizer: Any,
+    label_column: str,
+    column: str,
+) -> LabelledSet:
+    """Labelled rows of parquet/arrow files: inputs from `column` (or the one that fits), targets
+    from the label column."""
+    if targets == "transcript":
+        spec = RowSpec(modality, column, label=True, label_names=("transcript", "text", "sentence", label_column))
+    else:
+        spec = RowSpec(modality, column, label=True, label_column=label_column)
+    load: Callable[[int], Any]
+    if modality == "image":
+        source = TableImageSource(path, column=column, label_column=spec.label_column)
+        rows, load = source.rows, source.load
+    else:
+        rows = TableRows(path, spec)
+    raw: list[Any] = []
+    for i, value in rows.iter_values("label"):
+        if isinstance(value, BadInputError):
+            raise value
+        if value is None:
+            raise BadInputError(rows.name(i), "no label (null value)")
+        raw.append(value)
+    if modality == "audio":
+        sr, norm = rcfg.data.audio.sample_rate, rcfg.data.audio.normalize
+
+        def load(i: int) -> np.ndarray:
+            wav = table_waveform(rows, i, sr)
+            return normalize_waveform(wav) if norm else wav
+
+    elif modality == "text":
+        docs = []
+        for i, value in rows.iter_values():
+            if isinstance(value, BadInputError):
+                raise value
+            if not isinstance(value, str) or not value.strip():
+                raise BadInputError(rows.name(i), "empty document")
+            docs.append(value)
+        ids = tokenizer.encode_batch(docs)
+        load = ids.__getitem__
+    if targets == "transcript":
+        return LabelledSet(load, [str(v) for v in raw], [], path)
+    if targets == "value":
+        return LabelledSet(load, [float(v) for v in raw], [], path)
+    if rows.classes and not classes and all(isinstance(v, int) for v in raw):
+        return LabelledSet(load, raw, list(rows.classes), path)  # a datasets ClassLabel: names recorded
+    if rows.classes and all(isinstance(v, int) and 0 <= v < len(rows.classes) for v in raw):
+        raw = [rows.classes[v] for v in raw]  # names, to be looked up in the training set's classes
+    indices, names = _class_targets([str(v) for v in raw], classes)
+    return LabelledSet(load, list(indices), names, path)
 
 
 def _audio_loader(files: list[Path], sample_rate: int, normalize: bool) -> Callable[[int], np.ndarray]:

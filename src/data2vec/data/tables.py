@@ -34,7 +34,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -219,7 +218,7 @@ def find_column(file: TableFile, modality: str, column: str = "") -> str:
         if modality == "text" and len(fits) > 1 and "text" in fits:
             return "text"
         if len(fits) == 1:
-            return fits[0]
+            return str(fits[0])
         if len(fits) > 1:
             raise BadInputError(
                 file.path, f"several columns could hold the {modality} data ({', '.join(fits)}); set data.column"
@@ -240,7 +239,8 @@ def find_rate_column(file: TableFile, column: str) -> str | None:
             return name
     raise BadInputError(
         file.path,
-        f"column {column!r} holds waveforms but no sampling-rate column was found (looked for {', '.join(RATE_COLUMNS)})",
+        f"column {column!r} holds waveforms but no sampling-rate column was found "
+        f"(looked for {', '.join(RATE_COLUMNS)})",
     )
 
 
@@ -252,16 +252,17 @@ def class_names(file: TableFile, column: str) -> list[str]:
     return []
 
 
-def find_label_column(file: TableFile, column: str = "") -> str:
+def find_label_column(file: TableFile, column: str = "", names: Sequence[str] = LABEL_COLUMNS) -> str:
+    """`column` (it must exist), or else the first of `names` the file has."""
     if column:
         if column not in file.schema.names:
             raise BadInputError(file.path, f"no label column {column!r} (columns: {', '.join(file.schema.names)})")
         return column
-    for name in LABEL_COLUMNS:
+    for name in names:
         if name in file.schema.names:
             return name
     raise BadInputError(
-        file.path, f"no label column (looked for {', '.join(LABEL_COLUMNS)}; columns: {', '.join(file.schema.names)})"
+        file.path, f"no label column (looked for {', '.join(names)}; columns: {', '.join(file.schema.names)})"
     )
 
 
@@ -277,6 +278,8 @@ class RowSpec:
     column: str = ""
     label: bool = False
     label_column: str = ""
+    label_names: tuple[str, ...] = LABEL_COLUMNS
+    """Where `label_column` is "": the names a label column may have, in order of preference."""
 
 
 class TableRows:
@@ -304,7 +307,7 @@ class TableRows:
                     if rate:
                         roles["rate"] = rate
                 if spec.label:
-                    roles["label"] = find_label_column(f, spec.label_column)
+                    roles["label"] = find_label_column(f, spec.label_column, spec.label_names)
                     self.classes = self.classes or class_names(f, roles["label"])
             except BadInputError as e:
                 if on_bad_input == "fail":
@@ -394,7 +397,9 @@ def row_bytes(value: Any, where: str) -> bytes:
                 with open(path, "rb") as f:
                     return f.read()
             except OSError as e:
-                raise BadInputError(where, f"no bytes in the row and its path {path!r} cannot be read ({e.strerror})")
+                raise BadInputError(
+                    where, f"no bytes in the row and its path {path!r} cannot be read ({e.strerror})"
+                ) from None
         value = data
     if value is None:
         raise BadInputError(where, "null value (no data in the row)")

@@ -6,7 +6,10 @@ hidden files and folders, names starting with ".", are left out):
 - plain text (.txt, .text, .md, .rst, or any other file given by name): one document
   per line (blank lines are skipped) or one per file (`data.text.document`);
 - JSONL (.jsonl, .ndjson): one JSON object per line, its text in `data.text.jsonl_field`;
-- TSV (.tsv): a header line, then one document per row in column `data.text.tsv_column`.
+- TSV (.tsv): a header line, then one document per row in column `data.text.tsv_column`;
+- parquet or arrow (.parquet, .arrow: the Hugging Face formats, data/tables.py): one document
+  per row of the string column (`data.column`, or the one string column, or `text`), read a
+  row group at a time; a folder or glob of them works like a folder of text files.
 
 Files are read line by line in binary and decoded as strict UTF-8, so memory stays flat
 and a bad byte is reported with its file and line. A bad file (not UTF-8, no text, no such
@@ -49,6 +52,7 @@ from data2vec.data.batch import PretrainBatch
 from data2vec.data.errors import BadInputError, check_file
 from data2vec.data.index import sorted_table, walk_files
 from data2vec.data.sampling import ResumableBatchSampler, batch_generator
+from data2vec.data.tables import TABLE_SUFFIXES, RowSpec, TableRows, table_files
 from data2vec.data.workers import ignore_stop_signals
 from data2vec.modalities.text import draw_text_masks
 from data2vec.tokenizer import TextTokenizer
@@ -57,7 +61,7 @@ from data2vec.writes import write_text_atomic, writing
 PLAIN_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TSV_SUFFIXES = (".tsv",)
-TEXT_SUFFIXES = PLAIN_SUFFIXES + JSONL_SUFFIXES + TSV_SUFFIXES
+TEXT_SUFFIXES = PLAIN_SUFFIXES + JSONL_SUFFIXES + TSV_SUFFIXES + TABLE_SUFFIXES
 ENCODE_CHUNK = 2_000
 """Pieces tokenised per call (the Rust tokenizer encodes a chunk in parallel)."""
 ENCODE_CHARS = 1_000_000
@@ -69,7 +73,10 @@ RecordError = Callable[[BadInputError], None]
 
 
 def list_text_files(path: str | Path) -> list[Path]:
-    """The file itself, or every text/JSONL/TSV file under a folder (recursive, sorted)."""
+    """The file itself, every text/JSONL/TSV/parquet/arrow file under a folder (recursive,
+    sorted), or the parquet/arrow files a glob matches."""
+    if any(ch in str(path) for ch in "*?["):
+        return [Path(f) for f in table_files(path)]
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -123,13 +130,37 @@ def _fail(error: BadInputError) -> None:
     raise error
 
 
-def read_documents(path: str | Path, dcfg: TextDataConfig, on_record_error: RecordError = _fail) -> Iterator[str]:
+def _table_documents(path: Path, column: str, on_record_error: RecordError) -> Iterator[str]:
+    """The documents of a parquet/arrow file, a row group at a time (data/tables.py)."""
+    try:
+        rows = TableRows(str(path), RowSpec("text", column))
+    except BadInputError:
+        raise
+    except ValueError:  # no rows at all
+        raise BadInputError(str(path), "empty: no documents") from None
+    for index, value in rows.iter_values():
+        if isinstance(value, BadInputError):
+            on_record_error(value)
+        elif not isinstance(value, str) or not value.strip():
+            on_record_error(BadInputError(rows.name(index), "empty document" if value is not None else "null value"))
+        else:
+            yield value.strip()
+
+
+def read_documents(
+    path: str | Path, dcfg: TextDataConfig, on_record_error: RecordError = _fail, column: str = ""
+) -> Iterator[str]:
     """The documents of one file, by its suffix. File-level problems raise `BadInputError`;
-    bad records (JSONL/TSV rows) go to `on_record_error`, which raises or records them."""
+    bad records (JSONL/TSV/parquet rows) go to `on_record_error`, which raises or records them.
+    `column`: a parquet/arrow file's text column ("" = found from its schema)."""
     p = Path(path)
     suffix = p.suffix.lower()
     count = 0
-    if suffix in JSONL_SUFFIXES:
+    if suffix in TABLE_SUFFIXES:
+        for doc in _table_documents(p, column, on_record_error):
+            count += 1
+            yield doc
+    elif suffix in JSONL_SUFFIXES:
         field = dcfg.jsonl_field
         for lineno, line in _lines(p):
             if not line.strip():
@@ -205,6 +236,7 @@ def tokenize_corpus(
     dcfg: TextDataConfig,
     on_bad_input: str,
     out: Path,
+    column: str = "",
 ) -> CorpusStats:
     """Stream every document through the tokenizer into `out` (flat token ids, each document
     followed by </s>), reading lazily so memory stays flat; metadata goes to out.json."""
@@ -225,7 +257,7 @@ def tokenize_corpus(
                 # (piece, last piece of its document?): long documents go to the tokenizer in pieces
                 pieces = (
                     (piece, last)
-                    for doc in read_documents(path, dcfg, record_error)
+                    for doc in read_documents(path, dcfg, record_error, column)
                     for piece, last in _with_last(split_long(doc))
                 )
                 chunk: list[tuple[str, bool]] = []
@@ -282,12 +314,12 @@ def _with_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:
     yield prev, True
 
 
-def _training_texts(files: list[Path], dcfg: TextDataConfig, on_bad_input: str) -> Iterator[str]:
+def _training_texts(files: list[Path], dcfg: TextDataConfig, on_bad_input: str, column: str) -> Iterator[str]:
     """Documents (long ones in pieces) for tokenizer training, up to `tokenizer_train_bytes` of text."""
     budget = dcfg.tokenizer_train_bytes
     for path in files:
         try:
-            for doc in read_documents(path, dcfg, _fail if on_bad_input == "fail" else lambda e: None):
+            for doc in read_documents(path, dcfg, _fail if on_bad_input == "fail" else lambda e: None, column):
                 for piece in split_long(doc):
                     yield piece
                     budget -= len(piece)
@@ -412,12 +444,13 @@ class TextPipeline:
         if dcfg.tokenizer:
             tokenizer = TextTokenizer.load(dcfg.tokenizer)
         else:
-            tokenizer = TextTokenizer.train(_training_texts(files, dcfg, cfg.data.on_bad_input), dcfg.vocab_size)
+            texts = _training_texts(files, dcfg, cfg.data.on_bad_input, cfg.data.column)
+            tokenizer = TextTokenizer.train(texts, dcfg.vocab_size)
         tok_path = run_dir / "tokenizer.json"
         with writing(tok_path, "the tokenizer"):
             tokenizer.save(tok_path)
         cache = run_dir / "tokens.bin"
-        stats = tokenize_corpus(files, tokenizer, dcfg, cfg.data.on_bad_input, cache)
+        stats = tokenize_corpus(files, tokenizer, dcfg, cfg.data.on_bad_input, cache, cfg.data.column)
         if stats.tokens == 0:  # a BadInputError: one line, as for the other modalities
             why = (
                 f"{len(stats.skipped)} bad input(s) skipped, the first: {stats.skipped[0]}"

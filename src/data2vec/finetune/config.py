@@ -80,6 +80,9 @@ class FinetuneConfig:
     text_column: str = ""
     """TSV/JSONL text column; empty = `sentence` or `text`, whichever exists."""
     label_column: str = "label"
+    column: str = ""
+    """Parquet/arrow data: the column holding the inputs (images, audio or text); empty = the one
+    column of a fitting type (text: `text_column` when set)."""
     tokenizer: str = ""
     """Text: tokenizer.json or folder; empty = the one the pretrained model was trained with."""
     precision: Literal["fp32", "bf16"] = "fp32"

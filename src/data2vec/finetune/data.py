@@ -45,6 +45,7 @@ def read_labelled(
         tokenizer=tokenizer if tokenizer is not None else cfg.tokenizer or None,
         label_column=cfg.label_column,
         text_column=cfg.text_column,
+        column=cfg.column,
     )
 
 
