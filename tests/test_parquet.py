@@ -319,3 +319,25 @@ def test_extract_and_finetune_read_parquet(tmp_path: Path, capsys: pytest.Captur
     assert (ft / "metrics.jsonl").read_text().strip()
     written = "\n".join(p.read_text() for p in ft.rglob("*.json"))
     assert '"digit 9"' in written, "the ClassLabel names should be the classes"
+
+
+def test_python_api_takes_datasets_objects(tmp_path: Path) -> None:
+    """A `datasets.Dataset` (a shuffled view) and an `IterableDataset` are written once into the
+    run directory as parquet with their feature types; the run resumes from the directory alone."""
+    datasets = pytest.importorskip("datasets")
+    images, labels = digits_array(32)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a) for a in images[:40]], "label": labels[:40].tolist()}, features=features
+    )
+    cfg = tiny_config("image", 2, *RUN, "data.batch_size=8", "train.steps=3")
+    part = train(cfg, tmp_path / "view", progress=False, quiet=True, stop_after=2, data=ds.shuffle(seed=1))
+    copy = tmp_path / "view" / "data" / "data.parquet"
+    assert part.step == 2 and copy.is_file()
+    assert TableFile(str(copy)).features()["image"]["_type"] == "Image"
+    resumed = train(cfg, tmp_path / "view", resume=True, progress=False, quiet=True)
+    assert resumed.step == 3
+    streamed = train(cfg, tmp_path / "stream", progress=False, quiet=True, data=ds.to_iterable_dataset(num_shards=2))
+    assert streamed.step == 3
+    with pytest.raises(TypeError, match="expected a datasets.Dataset or IterableDataset"):
+        train(cfg, tmp_path / "list", progress=False, quiet=True, data=[1, 2, 3])

@@ -583,7 +583,7 @@ def _extract(args: argparse.Namespace) -> int:
             import pyarrow  # noqa: F401
         except ImportError:
             print(
-                "data2vec: error: writing .parquet needs pyarrow (pip install pyarrow); use .npy or .npz",
+                "data2vec: error: writing .parquet needs pyarrow (pip install 'data2vec[parquet]'); use .npy or .npz",
                 file=sys.stderr,
             )
             return 2

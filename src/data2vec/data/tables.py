@@ -34,6 +34,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from data2vec.config import ConfigError
 from data2vec.data.errors import BadInputError, file_problem, stable_reason
 from data2vec.data.index import sorted_table, walk_files
 from data2vec.data.sampling import sample_seed
+from data2vec.writes import writing
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 EXTRA_HINT = "pip install 'data2vec[parquet]'"
@@ -408,6 +410,27 @@ def row_bytes(value: Any, where: str) -> bytes:
     if not value:
         raise BadInputError(where, "empty value (0 bytes)")
     return bytes(value)
+
+
+def write_dataset(data: Any, folder: str | os.PathLike[str], rows_per_group: int = 1000) -> str:
+    """A `datasets.Dataset` or `IterableDataset` (duck-typed: any object with `to_parquet`) written
+    once as `folder/data.parquet`, in row groups of `rows_per_group` rows, with its feature
+    types; returns the file's path. A run reads the copy, so it resumes exactly even when the
+    object cannot be rebuilt (a shuffled or filtered view, a stream). An IterableDataset is
+    consumed to its end: cap an endless stream with `.take(n)` first."""
+    to_parquet = getattr(data, "to_parquet", None)
+    if not callable(to_parquet):
+        raise TypeError(
+            "data: expected a datasets.Dataset or IterableDataset (an object with to_parquet), "
+            f"got {type(data).__name__}"
+        )
+    out = Path(folder) / "data.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with writing(tmp, "the dataset's parquet copy"):
+        to_parquet(str(tmp), batch_size=rows_per_group)
+    os.replace(tmp, out)
+    return str(out)
 
 
 # ---------------------------------------------------------------------- pretraining order

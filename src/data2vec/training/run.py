@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from data2vec.checkpoint import (
 )
 from data2vec.config import ConfigError, RunConfig, read_config_json
 from data2vec.data.pipeline import pipeline_for
+from data2vec.data.tables import write_dataset
 from data2vec.distributed import Dist, check_fsdp
 from data2vec.distributed import setup as setup_distributed
 from data2vec.joint import JointConfig, JointData2Vec, is_joint, prepare_joint, steps_per_modality
@@ -204,8 +205,13 @@ def train(
     resume_from: str | Path | None = None,
     ignore_checksums: bool = False,
     force_fresh: bool = False,
+    data: Any = None,
 ) -> TrainResult:
     """Pretrain per `cfg`, writing checkpoints, metrics.jsonl and loss.png into `run_dir`.
+
+    `data`: a `datasets.Dataset` or `IterableDataset` to pretrain on instead of `cfg.data.path`
+    (duck-typed); it is written once to `run_dir/data/data.parquet` and read from there
+    (data/tables.py), so a resume needs only the run directory.
 
     With `resume=True`, continue from the newest valid checkpoint in `run_dir` using the
     config saved there (`cfg` is ignored except when no checkpoint exists yet).
@@ -230,8 +236,8 @@ def train(
     log = RunLog(run_dir, quiet) if dist.is_main else silent
     with _locked(run_dir, dist):
         if not resume:  # e.g. train a tokenizer; the saved config.json holds the result
-            prepared = cfg
-            cfg = dist.on_main(lambda: pipeline_for(prepared).prepare(prepared, run_dir))
+            given = cfg
+            cfg = dist.on_main(lambda: pipeline_for(given).prepare(_with_data(given, data, run_dir), run_dir))
         device = dist.device(resolve_device(cfg.train.device))
         torch.manual_seed(cfg.train.seed)
         model = Data2Vec.from_config(cfg).to(device)
@@ -247,6 +253,13 @@ def train(
             log(note)
         step = run_engine(s, objective, {"": (cfg, model)}, progress=progress, stop_after=stop_after)
         return TrainResult(run_dir, step, model, s.ctx.history, sorted(set(s.ctx.state.skipped_inputs)), notes)
+
+
+def _with_data(cfg: RunConfig, data: Any, run_dir: Path) -> RunConfig:
+    """`cfg` reading `data` (a datasets object, written to the run directory) when one is given."""
+    if data is None:
+        return cfg
+    return replace(cfg, data=replace(cfg.data, path=write_dataset(data, run_dir / "data")))
 
 
 def train_joint(
