@@ -681,7 +681,7 @@ def _write_parquet(tmp: Path, out: Path, lines: Sequence[str], feats: Features, 
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(
-            f"{out}: writing .parquet needs pyarrow (pip install pyarrow), which is not installed; "
+            f"{out}: writing .parquet needs pyarrow (pip install 'data2vec[parquet]'), which is not installed; "
             "use .npy or .npz instead"
         ) from None
     columns: dict[str, Any] = {"input": pa.array(list(lines), pa.string())}
