@@ -156,3 +156,17 @@ def test_activation_checkpointing_same_loss_and_grads(version: int) -> None:
     assert set(g0) == set(g1) and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6)
+
+
+def test_parquet_data_under_torchrun(tmp_path: Path) -> None:
+    """Two ranks read parquet data, each its own row groups (the order, its sharding and its
+    resume are tested on the sampler in test_parquet.py)."""
+    from tests.test_parquet import write_images
+
+    data = write_images(tmp_path / "train.parquet", n=48, group=8)
+    args = ["--preset", "digits-tiny", "--version", "2", *_overrides([f"data.path={data}", "data.shuffle_buffer=8"])]
+    res = _torchrun(tmp_path, 2, [*args, "--out", str(tmp_path / "ddp")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    assert "x 2 processes" in log and "48 samples" in log
+    assert len(list_checkpoints(tmp_path / "ddp")) >= 1

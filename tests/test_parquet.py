@@ -341,3 +341,24 @@ def test_python_api_takes_datasets_objects(tmp_path: Path) -> None:
     assert streamed.step == 3
     with pytest.raises(TypeError, match="expected a datasets.Dataset or IterableDataset"):
         train(cfg, tmp_path / "list", progress=False, quiet=True, data=[1, 2, 3])
+
+
+def test_save_to_disk_arrow_folder_and_text_extraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `Dataset.save_to_disk` folder (arrow files, memory-mapped) pretrains text; `extract`
+    reads the same rows back, one document per row."""
+    datasets = pytest.importorskip("datasets")
+    texts = [f"{SENTENCES[i % 6]} {i}" for i in range(40)]
+    datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]}).save_to_disk(
+        str(tmp_path / "saved"), num_shards=2
+    )
+    assert len(list((tmp_path / "saved").glob("*.arrow"))) > 1
+    cfg = tiny_config(
+        "text", 2, *RUN, f"data.path={tmp_path / 'saved'}", "data.batch_size=4", "train.steps=2",
+        "data.text.vocab_size=300",
+    )  # fmt: skip
+    result = train(cfg, tmp_path / "run", progress=False, quiet=True)
+    assert json.loads((tmp_path / "run" / "tokens.json").read_text())["documents"] == 40 and result.step == 2
+    out = tmp_path / "f.npy"
+    args = ["extract", "--checkpoint", str(tmp_path / "run"), "--input", str(tmp_path / "saved"), "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
+    assert np.load(out).shape == (1, 40, 32)
