@@ -289,8 +289,10 @@ def test_text_pretraining_from_parquet(tmp_path: Path) -> None:
 def test_extract_and_finetune_read_parquet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train_set = write_images(tmp_path / "train.parquet", n=40)
     eval_set = write_images(tmp_path / "eval.parquet", n=16)
-    cfg = tiny_config("image", 2, *RUN, f"data.path={train_set}", "data.batch_size=8", "train.steps=2")
-    train(cfg, tmp_path / "run", progress=False, quiet=True)
+    probe = ["probe.every=2", f"probe.train_data={train_set}", f"probe.eval_data={eval_set}", "probe.knn_k=3"]
+    cfg = tiny_config("image", 2, *RUN, f"data.path={train_set}", "data.batch_size=8", "train.steps=2", *probe)
+    result = train(cfg, tmp_path / "run", progress=False, quiet=True)
+    assert {"probe_linear_layer2", "probe_knn_layer2"} <= set(result.history[-1])
     out = tmp_path / "feats.npy"
     assert (
         main(

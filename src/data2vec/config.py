@@ -549,9 +549,14 @@ class ProbeConfig:
     """Probe every this many optimizer steps; 0 = off. Must be a multiple of train.log_every."""
     train_data: str = ""
     """Labelled data the probes are fitted on (image class folders or tars with .cls, an audio
-    folder of class subfolders or a manifest with a label column, text TSV/JSONL with a label)."""
+    folder of class subfolders or a manifest with a label column, text TSV/JSONL with a label,
+    parquet/arrow files of any modality with a label column)."""
     eval_data: str = ""
     """Labelled data the probes are scored on (same formats)."""
+    label_column: str = "label"
+    """The label column of manifests, TSV/JSONL and parquet/arrow files."""
+    column: str = ""
+    """Parquet/arrow files: the column holding the inputs ("" = the one column of a fitting type)."""
     layers: tuple[int, ...] = ()
     """Layers to probe (0 = encoder input, 1..L blocks, negative from the end); empty = the last."""
     average_layers: bool = False
@@ -564,6 +569,7 @@ class ProbeConfig:
         _check(self.every >= 0, f"{key}.every", "must be >= 0 (0 = off)")
         _check(self.knn_k >= 1, f"{key}.knn_k", "must be >= 1")
         _check(self.max_samples >= 2, f"{key}.max_samples", "must be >= 2")
+        _check(bool(self.label_column), f"{key}.label_column", "must not be empty")
         if self.every > 0:
             for name in ("train_data", "eval_data"):
                 _check(bool(getattr(self, name)), f"{key}.{name}", "a labelled set is needed when probe.every > 0")

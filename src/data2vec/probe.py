@@ -133,8 +133,10 @@ class OnlineProbe:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         pc = cfg.probe
-        train = read_labelled(pc.train_data, cfg)
-        test = read_labelled(pc.eval_data, cfg, classes=train.classes or None)
+        train = read_labelled(pc.train_data, cfg, label_column=pc.label_column, column=pc.column)
+        test = read_labelled(
+            pc.eval_data, cfg, classes=train.classes or None, label_column=pc.label_column, column=pc.column
+        )
         self.train_items = labelled_items(cfg, train, pc.max_samples, preload=True)
         self.test_items = labelled_items(cfg, test, pc.max_samples, preload=True)
         self.train_y = np.asarray(train.targets[: pc.max_samples])
