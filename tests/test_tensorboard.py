@@ -89,6 +89,8 @@ def picture(acc: EventAccumulator, tag: str) -> dict[int, np.ndarray]:
 def test_loggers_setting_is_parsed_and_checked() -> None:
     assert parse_override("train.loggers=[tensorboard]") == (["train", "loggers"], ["tensorboard"])
     assert parse_override("train.loggers=[]") == (["train", "loggers"], [])
+    assert parse_override('a.b=[x, 1, "y"]') == (["a", "b"], ["x", 1, "y"])  # items as JSON or plain text
+    assert parse_override("data.path=[x") == (["data", "path"], "[x")
     assert tiny().train.loggers == ("tensorboard",)
     assert tiny(loggers="train.loggers=[]").train.loggers == ()
     assert RunConfig().train.loggers == () and FinetuneConfig().loggers == ()
