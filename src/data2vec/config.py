@@ -29,6 +29,10 @@ MODALITIES: tuple[str, ...] = ("image", "audio", "text")
 """Modalities with a front-end; each front-end module adds its name when it is built in."""
 
 
+LOGGERS: tuple[str, ...] = ("tensorboard",)
+"""What `train.loggers` (and fine-tuning's `loggers`) may name, besides metrics.jsonl, which is always written."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the dotted key."""
 
@@ -36,6 +40,13 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_loggers(loggers: tuple[str, ...], key: str) -> None:
+    """Every name in `loggers` is one of LOGGERS, each at most once."""
+    for name in loggers:
+        _check(name in LOGGERS, key, f"{name!r} is not a logger (known: {', '.join(LOGGERS)})")
+    _check(len(set(loggers)) == len(loggers), key, "names a logger twice")
 
 
 # --------------------------------------------------------------------------- model
@@ -508,8 +519,12 @@ class TrainConfig:
     """torch.compile every Transformer block of the student and the teacher (fuses the norms,
     activations and residual adds around the matmuls; meant for CUDA). The first steps compile
     for tens of seconds. On the 2-core CPU it measured within 8% of eager, mostly slower (BENCHMARKS.md)."""
+    loggers: tuple[str, ...] = ()
+    """Where the metrics go besides metrics.jsonl: "tensorboard" writes event files to RUN_DIR/tensorboard/
+    (the optional extra: pip install 'data2vec[tensorboard]'). On the command line: train.loggers=[tensorboard]."""
 
     def validate(self, key: str) -> None:
+        check_loggers(self.loggers, f"{key}.loggers")
         _check(self.steps >= 1, f"{key}.steps", "must be >= 1")
         _check(0 <= self.min_local_std < 1, f"{key}.min_local_std", "must be in [0, 1)")
         for name in ("min_target_std", "min_pred_std"):
@@ -750,8 +765,25 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return _from_dict(cls, data, "")
 
 
+def _bare_list(raw: str) -> Any:
+    """'[a, b]' that is not JSON: a list of its comma-separated items, each JSON if it parses, else a
+    plain string (so `train.loggers=[tensorboard]` needs no quotes); any other text as it is."""
+    inner = raw.strip()
+    if not (inner.startswith("[") and inner.endswith("]")):
+        return raw
+    return [_json_or_text(item.strip()) for item in inner[1:-1].split(",")]
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse 'a.b.c=value'; the value is JSON if it parses, else a plain string."""
+    """Parse 'a.b.c=value'; the value is JSON if it parses, else a list if it is '[a, b]' (items
+    as JSON or plain strings), else a plain string."""
     if "=" not in text:
         raise ConfigError(f"{text!r}: an override must look like key=value (e.g. optim.lr=1e-3)")
     key, raw = text.split("=", 1)
@@ -761,7 +793,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
+        value = _bare_list(raw)
     return key.split("."), value
 
 

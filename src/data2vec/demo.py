@@ -23,6 +23,7 @@ from data2vec.model import Data2Vec
 from data2vec.presets import digits_tiny
 from data2vec.probe import initial_model, pooled_features, probe_accuracies
 from data2vec.training import train
+from data2vec.training.plots import masked_grid
 
 
 @dataclass
@@ -70,27 +71,9 @@ def _digits_tensors(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray, np.ndarra
     return x, labels, digits_split("train"), digits_split("test")
 
 
-def masked_picture(model: Data2Vec, images: torch.Tensor, out: Path, seed: int = 0) -> None:
+def masked_picture(model: Data2Vec, images: torch.Tensor, cfg: RunConfig, out: Path, seed: int = 0) -> None:
     """Originals on the top row; below, what the student sees under each of its masks (grey = masked)."""
-    g = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    masks = model.draw_masks(n, g)  # (n*M, T)
-    M = masks.shape[0] // n
-    gh, gw = model.frontend.grid
-    H, W = images.shape[-2:]
-    ph, pw = H // gh, W // gw
-    pix = ((images[:, 0] * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
-    rows = [np.concatenate(list(pix), axis=1)]
-    for m in range(M):
-        row = []
-        for i in range(n):
-            mk = masks[i * M + m].view(gh, gw).numpy()
-            up = np.kron(mk, np.ones((ph, pw), dtype=bool))
-            im = pix[i].copy()
-            im[up] = 128
-            row.append(im)
-        rows.append(np.concatenate(row, axis=1))
-    grid = np.concatenate(rows, axis=0)
+    grid = masked_grid(model, images, cfg.data.mean, cfg.data.std, seed)
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(out)
 
 
@@ -118,7 +101,7 @@ def run_demo(
         "pixels": x.flatten(1).numpy(),
     }
     acc = probe_accuracies(features, labels, tr, te)
-    masked_picture(model, x[te[:8]], out / "masked_inputs.png")
+    masked_picture(model, x[te[:8]], cfg, out / "masked_inputs.png")
     (out / "probe.json").write_text(
         "{\n" + ",\n".join(f'  "{k}": {v:.4f}' for k, v in acc.items()) + f',\n  "steps": {result.step}\n}}\n'
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from data2vec.config import ConfigError, from_dict, to_dict
+from data2vec.config import ConfigError, check_loggers, from_dict, to_dict
 
 Task = Literal["image_cls", "audio_cls", "audio_ctc", "text_cls", "text_reg"]
 TASKS: tuple[str, ...] = ("image_cls", "audio_cls", "audio_ctc", "text_cls", "text_reg")
@@ -89,8 +89,12 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+    loggers: tuple[str, ...] = ()
+    """Besides metrics.jsonl: "tensorboard" writes the training and eval curves to OUT/tensorboard/
+    (pip install 'data2vec[tensorboard]'). On the command line: --set loggers=[tensorboard]."""
 
     def __post_init__(self) -> None:
+        check_loggers(self.loggers, "loggers")
         _check(self.task in TASKS, "task", f"{self.task!r} is not one of {', '.join(TASKS)}")
         for name in ("epochs", "batch_size", "log_every", "mask_length", "mask_channel_length"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")

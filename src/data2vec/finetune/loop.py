@@ -61,6 +61,10 @@ def mix_batch(
     return images, soft_targets * lam + soft_targets.flip(0) * (1 - lam), lam
 
 
+NOT_CURVES = ("step", "epoch", "seconds")
+"""metrics.jsonl keys that TensorBoard does not plot (the curves are against the step)."""
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
@@ -217,6 +221,9 @@ def finetune(
     on `train_data`, evaluating on `eval_data` after every epoch."""
     from tqdm import tqdm
 
+    from data2vec.training.tensorboard import TENSORBOARD_DIR, EventLog, require_loggers
+
+    require_loggers(cfg.loggers, "loggers")
     t_start = time.perf_counter()
     rcfg, weights, described = _resolve_source(source, cfg.modality)
     _check_modality(cfg, rcfg, described)
@@ -267,6 +274,8 @@ def finetune(
     best_epoch = 0
     step = 0
     model.train()
+    # Like metrics.jsonl, the curves start afresh: what an earlier run in `out` wrote is dropped.
+    events = EventLog(out / TENSORBOARD_DIR, 0) if "tensorboard" in cfg.loggers else None
     bar = tqdm(total=total, disable=not progress, dynamic_ncols=True, unit="step")
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -293,6 +302,8 @@ def finetune(
                 if step % cfg.log_every == 0:
                     step_row = {"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}
                     append_line(metrics_path, json.dumps(step_row), "metrics")
+                    if events is not None:
+                        events.scalars(step_row, step, NOT_CURVES)
                 bar.set_postfix(loss=f"{loss_v:.4f}")
                 bar.update(1)
             for p in encoder_params:
@@ -307,6 +318,9 @@ def finetune(
             }
             history.append(row)
             append_line(metrics_path, json.dumps(row), "metrics")
+            if events is not None:
+                events.scalars(row, step, NOT_CURVES)
+                events.flush()
             value = ev.metrics[metric]
             improved = _better(cfg.task, value, best)
             if improved:
@@ -321,6 +335,8 @@ def finetune(
             )
     finally:
         bar.close()
+        if events is not None:
+            events.close()
         plot_finetune(metrics_path, out / "metrics.png", metric)
     seconds = time.perf_counter() - t_start
     summary = {"metric": metric, "best": best, "best_epoch": best_epoch, "seconds": seconds, "history": history}

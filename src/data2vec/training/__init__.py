@@ -5,6 +5,8 @@ engine.py      Engine: the loop, one optimizer step at a time
 objectives.py  SingleObjective, JointObjective: forward and backward of a step
 hooks.py       metrics log, progress bar, local-std warning, collapse guard, stop signals,
                checkpointer, online probe, summary; built in order by build_hooks()
+tensorboard.py TensorBoardLog (train.loggers=[tensorboard]): the metrics rows and the masked-inputs
+               picture as TensorBoard event files
 state.py       RunState (counters saved with every checkpoint), Learner (snapshot/restore)
 init.py        --init: continue from a pretrained model
 lock.py        one writer per run directory

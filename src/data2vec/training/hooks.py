@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -93,11 +93,15 @@ class Hook:
     def on_rewind(self, step: int) -> None:
         """The run went back to `step` (after the engine restored that checkpoint)."""
 
+    def on_checkpoint(self, step: int) -> None:
+        """Checkpoint `step` was saved (on every rank, after the checkpointer's barrier)."""
+
     def on_end(self, step: int) -> None:
         """The run ends after `step` steps, finished or not (also on an exception)."""
 
 
-def _logging_step(step: int, train: TrainConfig) -> bool:
+def logging_step(step: int, train: TrainConfig) -> bool:
+    """Whether step `step` writes a metrics.jsonl row: every `train.log_every` steps, and the last."""
     return step % train.log_every == 0 or step == train.steps
 
 
@@ -137,7 +141,7 @@ class MetricsLog(Hook):
 
     def after_step(self, info: StepInfo) -> Decision | None:
         self.samples += info.samples
-        if not _logging_step(info.step, self.ctx.train):
+        if not logging_step(info.step, self.ctx.train):
             return None
         now = self.clock()
         info.record["samples_per_sec"] = self.samples / max(now - self.t_last, 1e-9)
@@ -261,12 +265,14 @@ class CollapseGuard(Hook):
 
 class Checkpointer(Hook):
     """A checkpoint every `train.ckpt_every` steps, at the end, and at `stop_after` (then: pause);
-    loss.png redrawn with each."""
+    loss.png redrawn with each, and each of `observers` told (`on_checkpoint`)."""
 
     def __init__(
         self, ctx: RunContext, learner: Learner, config: dict[str, Any], stop_after: int | None = None
     ) -> None:
         self.ctx, self.learner, self.config, self.stop_after = ctx, learner, config, stop_after
+        self.observers: list[Hook] = []
+        """The hooks told of every checkpoint saved (`build_hooks`: all of the run's)."""
         self.weight_bound = 0.0
         """Weights above this (in absolute value) are not saved; 0 = no bound (`start_weights`)."""
 
@@ -295,6 +301,8 @@ class Checkpointer(Hook):
             ctx.log(f"saved checkpoint {path}")
         ctx.dist.barrier()  # nobody reads or rewinds to a checkpoint before it is complete
         ctx.last_saved = step
+        for hook in self.observers:
+            hook.on_checkpoint(step)
 
     def after_step(self, info: StepInfo) -> Decision | None:
         tc, step = self.ctx.train, info.step
@@ -421,13 +429,17 @@ def build_hooks(
     start: int,
     progress: bool,
     stop_after: int | None,
+    loggers: Sequence[Hook] = (),
 ) -> tuple[list[Hook], Checkpointer]:
     """The hooks of a run, in the order they run after each step (and the checkpointer, which
-    the engine also calls to save on a bad input). `members`: the model per modality, for probes."""
+    the engine also calls to save on a bad input). `members`: the model per modality, for probes;
+    `loggers`: the hooks `train.loggers` asks for (`tensorboard.logger_hooks`), which write the
+    metrics.jsonl row elsewhere too. Every hook hears of each checkpoint saved."""
     checkpointer = Checkpointer(ctx, learner, config, stop_after)
     hooks: list[Hook] = [
         ProbeHook(ctx, members),  # adds probe_* to the record, so it runs before the record is written
         MetricsLog(ctx),
+        *loggers,  # after MetricsLog: its row, samples_per_sec included
         ProgressBar(ctx, start, progress and ctx.dist.is_main),
         LocalStdWarning(ctx),
         CollapseGuard(ctx, checkpointer.latest),  # before the checkpointer: a collapsed step is never saved
@@ -435,6 +447,7 @@ def build_hooks(
         checkpointer,
         Summary(ctx),
     ]
+    checkpointer.observers = hooks
     return hooks, checkpointer
 
 

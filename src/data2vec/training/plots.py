@@ -1,12 +1,53 @@
-"""loss.png: the loss and the collapse monitor against step, from metrics.jsonl (and reading it)."""
+"""Pictures of a run: loss.png (the loss and the collapse monitor against step, from metrics.jsonl,
+and reading it), and what the student of an image model sees under its masks."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from data2vec.model import Data2Vec
 from data2vec.writes import save_figure
+
+MASKED_GREY = 128
+"""The value masked patches are painted with in `masked_grid`."""
+
+
+def masked_grid(
+    model: Data2Vec, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 0
+) -> np.ndarray:
+    """What the student of an image model sees: the (n, C, H, W) normalised `images` on the top row,
+    below them each under each of the M masks the model's masking config draws (seeded by `seed`,
+    the global RNG untouched), masked patches grey. uint8, (rows, cols) for one channel, (rows, cols, C)
+    for more."""
+    g = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    masks = model.draw_masks(n, g)  # (n*M, T)
+    M = masks.shape[0] // n
+    gh, gw = model.frontend.grid
+    H, W = images.shape[-2:]
+    ph, pw = H // gh, W // gw
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    pix = ((images.detach().cpu().float() * s + m).clamp(0, 1) * 255).to(torch.uint8)
+    pix_np = pix.permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
+    rows = [np.concatenate(list(pix_np), axis=1)]
+    for k in range(M):
+        row = []
+        for i in range(n):
+            mk = masks[i * M + k].view(gh, gw).cpu().numpy()
+            up = np.kron(mk, np.ones((ph, pw), dtype=bool))
+            im = pix_np[i].copy()
+            im[up] = MASKED_GREY
+            row.append(im)
+        rows.append(np.concatenate(row, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    return grid[..., 0] if grid.shape[-1] == 1 else grid
 
 
 def read_metrics(metrics_path: Path) -> tuple[list[dict[str, Any]], list[int]]:

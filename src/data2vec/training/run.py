@@ -3,7 +3,8 @@
 optimizer, resume or --init, the objective and the hooks) and hands it to the one `Engine`.
 
 A run directory holds config.json, train.log, metrics.jsonl, loss.png, summary.json,
-checkpoints/ (see checkpoint.py), and init.json when it was started with --init.
+checkpoints/ (see checkpoint.py), init.json when it was started with --init, and tensorboard/
+with train.loggers=[tensorboard].
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from data2vec.training.log import RunLog, silent
 from data2vec.training.objectives import JointObjective, Objective, SingleObjective
 from data2vec.training.optim import build_optimizer
 from data2vec.training.state import Learner, RunState
+from data2vec.training.tensorboard import logger_hooks, require_loggers
 
 Config = TypeVar("Config", RunConfig, JointConfig)
 
@@ -82,16 +84,17 @@ class Session:
 
 def open_run_dir(run_dir: Path, cfg: Config | None, resume: bool, kind: type[Config]) -> Config:
     """The config to run: the one saved in `run_dir` (resume) or `cfg` (a new run, refused where
-    `run_dir` already holds checkpoints)."""
+    `run_dir` already holds checkpoints). Its loggers' packages must be installed."""
     if resume:
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise FileNotFoundError(f"{saved}: not a run directory (no config.json) - nothing to resume")
-        return kind.load(saved)
-    if cfg is None:
+        cfg = kind.load(saved)
+    elif cfg is None:
         raise ConfigError("no config given (and not resuming)")
-    if list_checkpoints(run_dir):
+    elif list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to continue it")
+    require_loggers(cfg.train.loggers, "train.loggers")
     return cfg
 
 
@@ -155,7 +158,14 @@ def run_engine(
 ) -> int:
     """The hooks, and the engine from `s.start`; returns the steps completed."""
     hooks, checkpointer = build_hooks(
-        s.ctx, s.learner, s.cfg.to_dict(), members, start=s.start, progress=progress, stop_after=stop_after
+        s.ctx,
+        s.learner,
+        s.cfg.to_dict(),
+        members,
+        start=s.start,
+        progress=progress,
+        stop_after=stop_after,
+        loggers=logger_hooks(s.ctx, members, s.start),
     )
     s.learner.model.train()
     engine = Engine(s.learner, objective, hooks, checkpointer, s.ctx, s.cfg.optim, s.cfg.teacher)
