@@ -8,9 +8,13 @@ Both start from identical weights (`save_hf`) and use the same masks. Our steps:
 (mask 0.8, one mask per sample), fp32 and bf16, eager and with `train.compile` (torch.compile
 of every Transformer block; the compile runs in the warm-up steps, outside the timing). FLOPs
 are counted with torch's FlopCounterMode for one eager step and divided by the median step
-time; the peak is a measured 2048^3 matmul.
+time; the peak is a measured square matmul (2048 on a CPU, 8192 on CUDA). On CUDA the steps are
+timed between `torch.cuda.synchronize` calls, the batches are larger (a GPU-sized batch, not a
+CPU-sized one), and the bf16 FLOP/s are also given against a nominal peak (`--peak-tflops`,
+default the H200's dense bf16 989 TFLOP/s), i.e. the MFU.
 
-    python benchmarks/speed.py [--quick] [--no-compile] [--threads 2] [--steps 5] [--out benchmarks/results/speed]
+    python benchmarks/speed.py [--device cpu|cuda] [--quick | --sizes small,base] [--no-compile] [--threads 2]
+        [--steps 5] [--peak-tflops 989] [--out benchmarks/results/speed]
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,10 +35,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data2vec.config import RunConfig, apply_overrides
+from data2vec.doctor import cpu_name
 from data2vec.interop.hf import forward_like_hf, save_hf
 from data2vec.modalities.audio import conv_output_length
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
+from data2vec.tiny import tiny_config
 from data2vec.training import build_optimizer
 
 TARGETS = {
@@ -46,33 +51,67 @@ TARGETS = {
     "extract bf16 / transformers bf16": 2.5,
 }
 FLOP_TARGET = ("image base", 0.40)  # achieved bf16 FLOP/s on the base image case vs the bf16 peak
+H200_BF16_TFLOPS = 989.0
+"""NVIDIA's dense bf16 tensor-core peak of the H200 (SXM), the default nominal peak on CUDA."""
+CPU = torch.device("cpu")
+PEAK_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# (modality, size, batch, length): length = samples (audio) or tokens (text)
+TINY_CASES = [("image", "tiny", 8, 0), ("audio", "tiny", 2, 8_000), ("text", "tiny", 4, 30)]
+"""The smallest models (`data2vec.tiny`), to exercise the script in seconds (benchmarks/gpu_check.py's
+CPU fallback), not to measure anything."""
+CASES = {
+    "cpu": {
+        "tiny": TINY_CASES,
+        "small": [("image", "small", 16, 0), ("audio", "small", 4, 16_000), ("text", "small", 8, 128)],
+        "base": [("image", "base", 8, 0), ("audio", "base", 2, 160_000), ("text", "base", 4, 512)],
+    },
+    "cuda": {
+        "tiny": TINY_CASES,
+        "small": [("image", "small", 256, 0), ("audio", "small", 32, 16_000), ("text", "small", 64, 128)],
+        "base": [("image", "base", 64, 0), ("audio", "base", 8, 160_000), ("text", "base", 32, 512)],
+    },
+}
 
 
-def amp(precision: str) -> contextlib.AbstractContextManager[Any]:
+def amp(precision: str, device: torch.device = CPU) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device = CPU, n: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the fastest of `reps` timings of a square matmul (on CUDA, 10 back to back per timing)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    inner = 10 if device.type == "cuda" else 1
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t0) / inner)
     return 2 * n**3 / min(times)
 
 
-def timed(fn: Callable[[], None], steps: int, warmup: int = 2) -> float:
+def timed(fn: Callable[[], None], steps: int, warmup: int = 2, device: torch.device = CPU) -> float:
     """Median seconds of `fn` over `steps` calls after `warmup` calls (which absorb any compile)."""
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -87,6 +126,8 @@ def count_flops(fn: Callable[[], None]) -> float:
 
 
 def case_config(modality: str, size: str, version: int, quick_dims: bool) -> RunConfig:
+    """The preset of a case (size small: the -tiny presets, image 32x32; base: the -base presets;
+    tiny: `data2vec.tiny`), dropout off; data2vec 2.0 with one mask per sample."""
     name = f"{modality}-{'tiny' if size == 'small' else 'base'}"
     sets = ["model.encoder.dropout=0.0", "model.encoder.attn_dropout=0.0", "model.encoder.activation_dropout=0.0"]
     sets += ["model.encoder.drop_path=0.0", "model.encoder.layerdrop=0.0"]
@@ -96,6 +137,8 @@ def case_config(modality: str, size: str, version: int, quick_dims: bool) -> Run
         sets += ["masking.num_masks=1", "masking.mask_prob=0.8"]
     if modality == "text":
         sets += ["model.text.embed_dropout=0.0"]
+    if size == "tiny":
+        return tiny_config(modality, version, *sets)
     return apply_overrides(preset(name, version), sets)
 
 
@@ -123,11 +166,17 @@ def our_batch(model: Data2Vec, x: torch.Tensor, g: torch.Generator) -> Batch:
     return Batch(x, model.draw_masks(x.shape[0], g))
 
 
+def on(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on `device`."""
+    return Batch._make(None if t is None else t.to(device) for t in batch)
+
+
 def our_step(model: Data2Vec, batch: Batch, precision: str) -> Callable[[], None]:
     opt = build_optimizer(model, model_cfg_optim())
+    device = batch.inputs.device
 
     def step() -> None:
-        with amp(precision):
+        with amp(precision, device):
             out = model(batch)
         out.loss.backward()
         opt.step()
@@ -157,10 +206,11 @@ def hf_model(model: Data2Vec, folder: Path) -> torch.nn.Module:
 
 def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str, top_k: int) -> Callable[[], None]:
     """The data2vec 1.0 step on transformers' model."""
-    student = hf.train()
+    device = batch.inputs.device
+    student = hf.to(device).train()
     teacher = copy.deepcopy(hf).eval().requires_grad_(False)
     dim = model.cfg.encoder.dim
-    head = torch.nn.Linear(dim, dim)
+    head = torch.nn.Linear(dim, dim, device=device)
     params = [*student.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
     modality = model.cfg.modality
@@ -179,7 +229,7 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
         return module(input_ids=ids, output_hidden_states=True)
 
     def step() -> None:
-        with amp(precision):
+        with amp(precision, device):
             with torch.no_grad():
                 hs = run(teacher, False).hidden_states[-top_k:]
                 layers = [F.instance_norm(h[:, prefix:].float().transpose(1, 2)).transpose(1, 2) for h in hs]
@@ -200,7 +250,7 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
 
 
 def pretrain_rows(
-    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool
+    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool, device: torch.device = CPU
 ) -> list[dict[str, Any]]:
     rows = []
     for version in (1, 2):
@@ -210,12 +260,13 @@ def pretrain_rows(
                 torch.manual_seed(0)
                 model = Data2Vec.from_config(cfg).train()
                 x = make_input(cfg, batch, length)
-                b = our_batch(model, x, torch.Generator().manual_seed(0))
+                b = on(our_batch(model, x, torch.Generator().manual_seed(0)), device)
+                model.to(device)
                 if compiled:  # counted on an eager copy: the counter cannot see inside a compiled graph
                     flops = count_flops(our_step(copy.deepcopy(model), b, precision))
                     model.compile_blocks()
                 step = our_step(model, b, precision)
-                sec = timed(step, steps, warmup=3 if compiled else 2)
+                sec = timed(step, steps, warmup=3 if compiled else 2, device=device)
                 if not compiled:
                     flops = count_flops(step)
                 who = "ours+compile" if compiled else "ours"
@@ -227,7 +278,7 @@ def pretrain_rows(
                     fresh = Data2Vec.from_config(cfg)
                     hf = hf_model(fresh, Path(d))
                     pstep = peer_step(hf, fresh, b, precision, cfg.targets.top_k)
-                    psec = timed(pstep, steps)
+                    psec = timed(pstep, steps, device=device)
                     rows.append(_row("peer", 1, precision, modality, size, batch, psec, count_flops(pstep)))
                     print(f"  peer 1.0 fp32: {1000 * psec:.0f} ms/step", flush=True)
     return rows
@@ -250,33 +301,34 @@ def _row(
 
 
 def extract_rows(
-    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool
+    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool, device: torch.device = CPU
 ) -> list[dict[str, Any]]:
     cfg = case_config(modality, size, 1, True)
     torch.manual_seed(0)
     model = Data2Vec.from_config(cfg).eval()
-    compiled = copy.deepcopy(model) if compile_too else None
+    compiled = copy.deepcopy(model).to(device) if compile_too else None
     if compiled is not None:
         compiled.compile_blocks()
-    x = make_input(cfg, batch, length)
+    x = make_input(cfg, batch, length).to(device)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        hf = hf_model(model, Path(d)).eval()
+        hf = hf_model(model, Path(d)).to(device).eval()
+        model.to(device)
         for precision in ("fp32", "bf16"):
 
             def ours(precision: str = precision, m: Data2Vec = model) -> None:
-                with torch.inference_mode(), amp(precision):
+                with torch.inference_mode(), amp(precision, device):
                     m.encode(x)
 
             def theirs(precision: str = precision) -> None:
-                with torch.inference_mode(), amp(precision):
+                with torch.inference_mode(), amp(precision, device):
                     hf(x, output_hidden_states=True)
 
-            with torch.inference_mode(), amp(precision):
+            with torch.inference_mode(), amp(precision, device):
                 a = forward_like_hf(model, x).last_hidden_state.float()
                 b = hf(x).last_hidden_state.float()
             rel = float((a - b).norm() / b.norm())
-            t_ours, t_theirs = timed(ours, steps), timed(theirs, steps)
+            t_ours, t_theirs = timed(ours, steps, device=device), timed(theirs, steps, device=device)
             row = {
                 "case": f"{modality} {size}",
                 "precision": precision,
@@ -287,10 +339,10 @@ def extract_rows(
                 "rel_diff": rel,
             }
             if compiled is not None:
-                with torch.inference_mode(), amp(precision):
+                with torch.inference_mode(), amp(precision, device):
                     c = compiled.encode(x).x.float()
                     e = model.encode(x).x.float()
-                t_comp = timed(lambda p=precision, m=compiled: ours(p, m), steps, warmup=3)
+                t_comp = timed(lambda p=precision, m=compiled: ours(p, m), steps, warmup=3, device=device)
                 row |= {
                     "compiled_samples_per_sec": batch / t_comp,
                     "compiled_ratio": t_theirs / t_comp,
@@ -331,34 +383,50 @@ def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]]) -> list[dict[st
 
 
 def flop_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Achieved bf16 FLOP/s on the target case, as a fraction of the measured bf16 peak."""
+    """Achieved bf16 FLOP/s on the target case, as a fraction of the measured bf16 peak (and, on
+    CUDA, of the nominal one: the MFU)."""
     case, target = FLOP_TARGET
-    peak = result["peak"]["bf16"]
+    peaks = [("bf16 peak", result["peak"]["bf16"])]
+    if result.get("nominal_bf16_peak"):
+        peaks.append((f"nominal bf16 peak {result['nominal_bf16_peak'] / 1e12:g} TFLOP/s", result["nominal_bf16_peak"]))
     return [
         {
             "case": case,
-            "measure": f"{r['who']} {r['mode']} bf16 FLOP/s / bf16 peak",
+            "measure": f"{r['who']} {r['mode']} bf16 FLOP/s / {label}",
             "ratio": r["flops_per_sec"] / peak,
             "target": target,
             "fraction": True,
         }
+        for label, peak in peaks
         for r in result["pretrain"]
         if r["case"] == case and r["precision"] == "bf16"
     ]
+
+
+def mfu(result: dict[str, Any], row: dict[str, Any]) -> float | None:
+    """A bf16 row's FLOP/s over the nominal bf16 peak (CUDA only; None elsewhere)."""
+    nominal = result.get("nominal_bf16_peak")
+    return row["flops_per_sec"] / nominal if nominal and row["precision"] == "bf16" else None
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {result['machine']}; {result['threads']} threads; torch {result['torch']}", ""]
     lines += ["| measured matmul peak | TFLOP/s |", "|---|---|"]
     lines += [f"| {k} | {v / 1e12:.2f} |" for k, v in result["peak"].items()]
-    lines += ["", "| case | who | mode | precision | batch | ms/step | samples/s | GFLOP/step | % of peak |"]
-    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    nominal = result.get("nominal_bf16_peak")
+    if nominal:
+        lines += [f"| nominal bf16 (MFU below) | {nominal / 1e12:g} |"]
+    head = "| case | who | mode | precision | batch | ms/step | samples/s | GFLOP/step | % of peak |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    lines += ["", head + (" MFU |" if nominal else ""), rule + ("---|" if nominal else "")]
     for r in result["pretrain"]:
         peak = result["peak"]["bf16" if r["precision"] == "bf16" else "fp32"]
+        used = mfu(result, r)
         lines.append(
             f"| {r['case']} | {r['who']} | {r['mode']} | {r['precision']} | {r['batch']} | "
-            f"{1000 * r['sec_per_step']:.0f} | {r['samples_per_sec']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
+            f"{1000 * r['sec_per_step']:.1f} | {r['samples_per_sec']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
             f"{100 * r['flops_per_sec'] / peak:.0f}% |"
+            + ("" if not nominal else " - |" if used is None else f" {100 * used:.1f}% |")
         )
     lines += [
         "",
@@ -381,33 +449,65 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--quick", action="store_true", help="small cases only (image 32/4, audio 1 s, text 128)")
+    ap.add_argument(
+        "--sizes",
+        default="small,base",
+        help="comma-separated case sizes: small (as --quick), base (224/16, 10 s, 512), tiny (width 32, a smoke test)",
+    )
+    ap.add_argument("--modalities", default="image,audio,text", help="comma-separated modalities to time")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (median)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H200_BF16_TFLOPS,
+        help="CUDA: the nominal dense bf16 peak the MFU divides by (default the H200's 989)",
+    )
+    ap.add_argument(
+        "--peak-n", type=int, default=None, help="side of the peak matmul (default 2048 on a CPU, 8192 on CUDA)"
+    )
     ap.add_argument("--out", default="benchmarks/results/speed")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    sizes = ["small"] if args.quick else [s for s in args.sizes.split(",") if s]
+    modalities = [m for m in args.modalities.split(",") if m]
+    if not set(sizes) <= {"tiny", "small", "base"} or not set(modalities) <= {"image", "audio", "text"}:
+        ap.error(f"--sizes {args.sizes!r} / --modalities {args.modalities!r}: unknown name")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    args.cases = [c for size in sizes for c in CASES[args.device][size] if c[0] in modalities]
+    return args
+
+
+def machine(device: torch.device) -> str:
+    """The device timed: the GPU's name on CUDA, else the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     steps = args.steps or (3 if args.quick else 5)
-    # (modality, size, batch, length): length = samples (audio) or tokens (text)
-    cases = [("image", "small", 16, 0), ("audio", "small", 4, 16_000), ("text", "small", 8, 128)]
-    if not args.quick:
-        cases += [("image", "base", 8, 0), ("audio", "base", 2, 160_000), ("text", "base", 4, 512)]
     result: dict[str, Any] = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(device),
+        "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,
-        "peak": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)},
+        "peak": {dt: matmul_peak(getattr(torch, name), device, args.peak_n) for dt, name in PEAK_DTYPES.items()},
+        "nominal_bf16_peak": args.peak_tflops * 1e12 if device.type == "cuda" else None,
         "pretrain": [],
         "extract": [],
     }
-    for modality, size, batch, length in cases:
+    for modality, size, batch, length in args.cases:
         print(f"pretrain {modality} {size} ...", flush=True)
-        result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, not args.no_compile)
+        result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, not args.no_compile, device)
         print(f"extract {modality} {size} ...", flush=True)
-        result["extract"] += extract_rows(modality, size, batch, length, steps, not args.no_compile)
+        result["extract"] += extract_rows(modality, size, batch, length, steps, not args.no_compile, device)
     result["ratios"] = ratios(result["pretrain"], result["extract"]) + flop_rows(result)
     text = markdown(result)
     print(text)

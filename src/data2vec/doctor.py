@@ -118,7 +118,7 @@ def report() -> list[tuple[str, str]]:
     return lines
 
 
-def _write_inputs(work: Path) -> dict[str, str]:
+def write_inputs(work: Path) -> dict[str, str]:
     """Real files of each modality: the built-in digits, six synthetic tones as 16 kHz WAV, a
     generated corpus."""
     wavs = work / "wavs"
@@ -136,7 +136,9 @@ def _write_inputs(work: Path) -> dict[str, str]:
     return {"image": "builtin:digits:train", "audio": str(wavs), "text": str(corpus)}
 
 
-def _overrides(modality: str, data: str) -> list[str]:
+def run_overrides(modality: str, data: str) -> list[str]:
+    """The self-test's run settings on `data` (a `write_inputs` entry): STEPS steps, a checkpoint
+    at the end, every step logged, no collapse stop, a small batch and vocabulary."""
     run = [
         f"data.path={data}",
         f"train.steps={STEPS}",
@@ -158,7 +160,9 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _max_rel(a: list[float], b: list[float]) -> float:
+def max_rel(a: list[float], b: list[float]) -> float:
+    """The largest relative difference of `a` from `b`, step by step (inf when their lengths
+    differ or a value is not finite)."""
     if len(a) != len(b) or not all(math.isfinite(x) for x in [*a, *b]):
         return math.inf
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
@@ -180,7 +184,7 @@ def self_test(
 
     with tempfile.TemporaryDirectory(prefix="data2vec-doctor-") as tmp:
         root = Path(work or tmp)
-        data = _write_inputs(root)
+        data = write_inputs(root)
         for modality in modalities:
             for version in (1, 2):
                 what = f"{modality} {version}.0"
@@ -194,7 +198,7 @@ def self_test(
 def _train(root: Path, modality: str, version: int, data: str, device: str, precision: str) -> tuple[Path, Any]:
     """A few steps of the tiny model; (its run directory, the model it ended with)."""
     cfg = tiny_config(
-        modality, version, *_overrides(modality, data), f"train.device={device}", f"train.precision={precision}"
+        modality, version, *run_overrides(modality, data), f"train.device={device}", f"train.precision={precision}"
     )
     out = root / f"{modality}-v{version}-{device.replace(':', '')}-{precision}-{len(list(root.iterdir()))}"
     return out, train(cfg, out, progress=False, quiet=True).model
@@ -210,7 +214,7 @@ def _check_run(
     if dev.type == "cpu":
         again = _losses(_train(root, modality, version, data, "cpu", "fp32")[0])
         same = "bit-identical" if again == ref else "DIFFERENT"
-        add(Check(f"{what} cpu fp32", again == ref, f"two runs {same} over {STEPS} steps {_fmt(ref)}"))
+        add(Check(f"{what} cpu fp32", again == ref, f"two runs {same} over {STEPS} steps {fmt_losses(ref)}"))
     else:
         got = _losses(_train(root, modality, version, data, str(dev), "fp32")[0])
         add(_close(f"{what} {dev} fp32", got, ref, FP32_RTOL, ""))
@@ -221,8 +225,8 @@ def _check_run(
 
 
 def _close(name: str, got: list[float], ref: list[float], rtol: float, note: str) -> Check:
-    rel = _max_rel(got, ref)
-    detail = f"losses {_fmt(got)} vs cpu fp32 {_fmt(ref)}: max rel diff {rel:.1e} (limit {rtol:g}){note}"
+    rel = max_rel(got, ref)
+    detail = f"losses {fmt_losses(got)} vs cpu fp32 {fmt_losses(ref)}: max rel diff {rel:.1e} (limit {rtol:g}){note}"
     return Check(name, rel <= rtol, detail)
 
 
@@ -243,7 +247,8 @@ def _checkpoint_check(what: str, run_dir: Path, model: torch.nn.Module, seconds:
     )
 
 
-def _fmt(losses: list[float]) -> str:
+def fmt_losses(losses: list[float]) -> str:
+    """[0.1234, 0.1200, ...]"""
     return "[" + ", ".join(f"{x:.4f}" for x in losses) + "]"
 
 
