@@ -13,8 +13,9 @@ hardware, else fp32 for every arm), each pretrained for the same wall-clock budg
   shards, its steps calibrated the same way.
 
 Each arm is snapshotted at `--points` evenly spaced moments of its budget (ours: a checkpoint,
-the training call's wall time counted from the start including its start-up; the peer: its
-weights). Every snapshot is then evaluated identically: mean-pooled last-layer features of the
+the run stopped there and resumed, each call's wall time counted whole, start-up and data
+indexing included; the peer: its weights). Step counts are calibrated on 10 timed steps before
+the clock starts, for every arm. Every snapshot is then evaluated identically: mean-pooled last-layer features of the
 frozen encoder, logistic regression on the first 5,000 labelled training images (10%) scored
 on the test images (the full 10,000 at the last point; `--curve-test` of them at the others).
 
@@ -213,15 +214,15 @@ def run_mae(shards: str, budget_s: float, points: int, work: Path, batch: int, s
         opt.step()
         return loss.item()
 
-    t0 = time.perf_counter()
     model, opt = build()
-    for k in range(12):  # calibration: its time counts against the budget too
+    for k in range(12):  # calibration, outside the budget as ours' calibration run is
         if k == 2:
             t_calib = time.perf_counter()
         step(model, opt, k, 10_000)
     per_step = (time.perf_counter() - t_calib) / 10
-    total = max(points, int((budget_s - (time.perf_counter() - t0)) / per_step))
+    total = max(points, int(budget_s / per_step))
     model, opt = build()  # start over from the same initialisation, with the calibrated schedule
+    t0 = time.perf_counter()
     snaps, marks, loss = [], points_of(total, points), float("nan")
     for k in range(total):
         loss = step(model, opt, k, total)
