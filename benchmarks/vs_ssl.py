@@ -62,13 +62,22 @@ def evaluate(mod: ModuleType, arm: str, result: dict[str, Any], args: argparse.N
     train_set, full, sub = mod.probe_sets(args)
     feats = ours_features if arm in OURS else mod.peer_features
     y_train = np.asarray(train_set.targets)
+    y_sub = np.asarray(sub.targets)
     for i, snap in enumerate(result["snapshots"]):
-        last = i == len(result["snapshots"]) - 1
-        test = full if last else sub
         t0 = time.perf_counter()
-        acc = linear_probe(feats(snap["path"], train_set), y_train, feats(snap["path"], test), np.asarray(test.targets))
-        snap["probe"], snap["probe_test_examples"] = acc, len(test)
-        print(f"{arm} at {snap['minutes']:.2f} min: probe {acc:.4f} on {len(test)} ({time.perf_counter() - t0:.0f} s)")
+        x_train = feats(snap["path"], train_set)
+        # the curve: the same `--curve-test` subset at every point; the last point also on the full test set
+        snap["probe"] = linear_probe(x_train, y_train, feats(snap["path"], sub), y_sub)
+        snap["probe_test_examples"] = len(sub)
+        if i == len(result["snapshots"]) - 1:
+            snap["probe_full"] = linear_probe(x_train, y_train, feats(snap["path"], full), np.asarray(full.targets))
+            snap["probe_full_examples"] = len(full)
+        extra = f", full test {snap['probe_full']:.4f}" if "probe_full" in snap else ""
+        print(
+            f"{arm} at {snap['minutes']:.2f} min: probe {snap['probe']:.4f} on {len(sub)}{extra} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     result["probe_sets"] = {"train": f"{train_set.name} ({len(train_set)})", "test": f"{full.name} ({len(full)})"}
 
 
@@ -105,14 +114,15 @@ def merge(out: Path, modality: str) -> None:
     lines = [
         f"### {modality}: data2vec vs {names[peer]} at equal wall-clock",
         "",
-        "| arm | pretraining minutes | steps | final linear probe (full test) | recipe |",
-        "|---|---|---|---|---|",
+        "| arm | pretraining minutes | steps | final linear probe, full test | the curve's last point | recipe |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in arms.items():
         last = r["snapshots"][-1]
+        full, n_full = last.get("probe_full", last["probe"]), last.get("probe_full_examples", tested(last))
         lines.append(
-            f"| {names[name]} | {last['minutes']:.1f} | {r['steps']} | {last['probe']:.4f} "
-            f"({tested(last)} {mod.UNIT}) | {r['recipe']} |"
+            f"| {names[name]} | {last['minutes']:.1f} | {r['steps']} | {full:.4f} ({n_full} {mod.UNIT}) "
+            f"| {last['probe']:.4f} ({tested(last)}) | {r['recipe']} |"
         )
     lines += ["", "| question | answer |", "|---|---|"]
     if peer in arms and "ours2" in arms:
@@ -171,7 +181,7 @@ def main() -> None:
     mod = modality_module(known.modality)
     mod.add_arguments(p)
     args = p.parse_args()
-    out = Path(args.out or f"benchmarks/results/vs_ssl/{args.modality}")
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "vs_ssl" / args.modality
     work = Path(args.work) / args.modality
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
