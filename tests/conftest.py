@@ -7,6 +7,7 @@ Everything here is deliberately small (32x32 images, 8-pixel patches -> a 4x4 gr
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,16 @@ def ref_targets_fixture() -> Callable[..., np.ndarray]:
 @pytest.fixture
 def images() -> Callable[..., torch.Tensor]:
     return make_images
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets one core's worth of threads (itself and the processes it
+    starts): two workers of two threads each on a 2-core machine would stall one another."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
