@@ -8,7 +8,9 @@ A modality module (`vs_ssl_image.py`, `vs_ssl_audio.py`, `vs_ssl_text.py`) provi
 - `run_peer(budget_s, points, work, seed, args)`: the peer's calibrated run (`calibrated_run`);
 - `peer_features(path, data)`: mean-pooled last-layer features of a peer snapshot;
 - `probe_sets(args)`: (labelled training set, full test set, the curve's test subset);
-- `add_arguments(parser)`: its own command-line options (may add none).
+- `add_arguments(parser)`: its own command-line options (may add none);
+- optionally `prepare(work, args)`: its pretraining data, made once under `work` before any arm
+  runs (vs_ssl.py holds a file lock around it, so arms started in parallel wait for one copy).
 """
 
 from __future__ import annotations
@@ -119,8 +121,14 @@ def run_ours(
         snaps.append(Snapshot(minutes=clock / 60, step=stop, path=str(path)))
         print(f"ours {version}.0: step {stop}/{total} at {clock / 60:.2f} min", flush=True)
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    a = cfg.data.audio
+    batch = (
+        f"{a.batch_seconds:g} s (at most {a.max_batch_size} clips)"
+        if cfg.model.modality == "audio"
+        else cfg.data.batch_size
+    )
     recipe = (
-        f"preset {preset_name} v{version}: batch {cfg.data.batch_size} x {cfg.masking.num_masks} mask(s), "
+        f"preset {preset_name} v{version}: batch {batch} x {cfg.masking.num_masks} mask(s), "
         f"lr {cfg.optim.lr}, {total} steps ({per_step:.3f} s/step calibrated)"
     )
     return {

@@ -30,6 +30,7 @@ and `--merge` builds results.md, results.json and curves.png from them.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import time
@@ -190,6 +191,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
     budget = args.budget_minutes * 60
+    if hasattr(mod, "prepare"):  # the modality's data, made once; arms in parallel processes wait for it
+        with open(work / ".prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mod.prepare(work, args)
     for arm in (args.arms or f"ours2,{mod.PEER},ours1").split(","):
         if arm not in arm_names(mod):
             raise SystemExit(f"vs_ssl: unknown arm {arm!r} for {args.modality} (ours2, ours1, {mod.PEER})")
@@ -204,7 +209,7 @@ def main() -> None:
             "command": f"taskset -c CORE python benchmarks/vs_ssl.py --modality {args.modality} --arms {arm} "
             f"--budget-minutes {args.budget_minutes} --points {args.points}",
             "probe": f"train {result['probe_sets']['train']}; test {result['probe_sets']['test']} at the last "
-            f"point, {args.curve_test} of them at the others",
+            f"point, {result['snapshots'][-1]['probe_test_examples']} of them at the others",
             "precision": precision(),
             "machine": common.machine(),
             "date": time.strftime("%Y-%m-%d"),
