@@ -30,6 +30,7 @@ and `--merge` builds results.md, results.json and curves.png from them.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import time
@@ -189,6 +190,10 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
+    if hasattr(mod, "prepare"):  # once per work folder; parallel arm processes wait for the first
+        with open(work / ".prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mod.prepare(work, args)
     budget = args.budget_minutes * 60
     for arm in (args.arms or f"ours2,{mod.PEER},ours1").split(","):
         if arm not in arm_names(mod):
@@ -204,7 +209,7 @@ def main() -> None:
             "command": f"taskset -c CORE python benchmarks/vs_ssl.py --modality {args.modality} --arms {arm} "
             f"--budget-minutes {args.budget_minutes} --points {args.points}",
             "probe": f"train {result['probe_sets']['train']}; test {result['probe_sets']['test']} at the last "
-            f"point, {args.curve_test} of them at the others",
+            f"point, {result['snapshots'][0]['probe_test_examples']} of them at the others",
             "precision": precision(),
             "machine": common.machine(),
             "date": time.strftime("%Y-%m-%d"),
