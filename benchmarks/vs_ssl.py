@@ -190,6 +190,10 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
+    if hasattr(mod, "prepare"):  # once per work folder; parallel arm processes wait for the first
+        with open(work / ".prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mod.prepare(work, args)
     budget = args.budget_minutes * 60
     if hasattr(mod, "prepare"):  # the modality's data, made once; arms in parallel processes wait for it
         with open(work / ".prepare.lock", "w") as lock:
