@@ -195,10 +195,6 @@ def main() -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             mod.prepare(work, args)
     budget = args.budget_minutes * 60
-    if hasattr(mod, "prepare"):  # the modality's data, made once; arms in parallel processes wait for it
-        with open(work / ".prepare.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            mod.prepare(work, args)
     for arm in (args.arms or f"ours2,{mod.PEER},ours1").split(","):
         if arm not in arm_names(mod):
             raise SystemExit(f"vs_ssl: unknown arm {arm!r} for {args.modality} (ours2, ours1, {mod.PEER})")
