@@ -5,16 +5,26 @@ an EMA teacher on the full input (top-K hidden states, instance-normed, averaged
 with `bool_masked_pos` (vision), `mask_time_indices` (audio) or masked input ids (text), a
 linear head, smooth-L1 (vision) or L2 loss at masked positions, AdamW and a foreach EMA.
 Both start from identical weights (`save_hf`) and use the same masks. Our steps: 1.0 and 2.0
-(mask 0.8, one mask per sample), fp32 and bf16, eager and with `train.compile` (torch.compile
-of every Transformer block; the compile runs in the warm-up steps, outside the timing). FLOPs
-are counted with torch's FlopCounterMode for one eager step and divided by the median step
-time; the peak is a measured square matmul (2048 on a CPU, 8192 on CUDA). On CUDA the steps are
-timed between `torch.cuda.synchronize` calls, the batches are larger (a GPU-sized batch, not a
-CPU-sized one), and the bf16 FLOP/s are also given against a nominal peak (`--peak-tflops`,
-default the H200's dense bf16 989 TFLOP/s), i.e. the MFU.
+(mask 0.8, one mask per sample), eager and with `train.compile` (torch.compile of every
+Transformer block; the compile runs in the warm-up steps, outside the timing). Every step, ours
+and the peer's, runs in fp32 and in bf16 autocast, and every ratio compares equal precision
+(ours bf16 / peer bf16, ours fp32 / peer fp32). FLOPs are counted with torch's FlopCounterMode
+for one eager step and divided by the median step time; each row's FLOP/s is given against the
+measured matmul peak of its own dtype (a square matmul, 2048 on a CPU, 8192 on CUDA, timed in
+fp32 and in bf16 in the same run). On CUDA the steps are timed between `torch.cuda.synchronize`
+calls, the batches are larger (a GPU-sized batch, not a CPU-sized one), and the bf16 FLOP/s are
+also given against a nominal peak (`--peak-tflops`, default the H200's dense bf16 989 TFLOP/s),
+i.e. the MFU.
 
-    python benchmarks/speed.py [--device cpu|cuda] [--quick | --sizes small,base] [--no-compile] [--threads 2]
-        [--steps 5] [--peak-tflops 989] [--out benchmarks/results/speed]
+Data rows (unless `--no-data`): our 2.0 bf16 step fed by the library's own pretraining loaders
+(`build_pretrain_loader`, the preset's data workers) from the real data in ../shared/data
+(CIFAR-10 tar shards, FSDD wav, SST-2 text), against the same step on synthetic tensors of the
+same shapes with the same masks; the ratio is real / synthetic steps per second, over
+`--data-steps` steps each (mean, so loader stalls count). A targets table ends the report.
+
+    python benchmarks/speed.py [--device cpu|cuda] [--quick | --sizes small,base] [--modalities image,audio,text]
+        [--no-compile] [--threads 2] [--steps 5] [--peak-tflops 989] [--no-data] [--data-steps 20]
+        [--data-dir ../shared/data] [--out benchmarks/results/speed]
 """
 
 from __future__ import annotations
@@ -23,10 +33,12 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data2vec.config import RunConfig, apply_overrides
+from data2vec.data.pipeline import build_pretrain_loader, pipeline_for
 from data2vec.doctor import cpu_name
 from data2vec.interop.hf import forward_like_hf, save_hf
 from data2vec.modalities.audio import conv_output_length
@@ -42,15 +55,22 @@ from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
 from data2vec.tiny import tiny_config
 from data2vec.training import build_optimizer
+from data2vec.training.objectives import next_batch, to_device
 
-TARGETS = {
-    "ours 1.0 fp32 / peer fp32": 1.5,
-    "ours 1.0 bf16 / peer fp32": 3.0,
-    "ours 2.0 bf16 / peer fp32": 4.0,
-    "extract fp32 / transformers fp32": 1.2,
-    "extract bf16 / transformers bf16": 2.5,
-}
-FLOP_TARGET = ("image base", 0.40)  # achieved bf16 FLOP/s on the base image case vs the bf16 peak
+MODALITIES = ("image", "audio", "text")
+PRECISIONS = ("fp32", "bf16")
+FLOP_GOALS = {"image": 0.50, "text": 0.50, "audio": 0.30}
+"""Targets: achieved bf16 FLOP/s of our base train steps (1.0 and 2.0) over the measured bf16 peak."""
+V1_GOAL = 1.5
+"""Target: our 1.0 step over the peer's 1.0 step, both in bf16."""
+V2_GOALS = {"image": 4.0, "text": 3.0, "audio": 2.5}
+"""Targets: our 2.0 step (mask 0.8) over the peer's 1.0 step, both in bf16."""
+EXTRACT_GOALS = {"bf16": 1.5, "fp32": 1.1}
+"""Targets: our feature extraction over transformers' with the same weights, equal precision."""
+DATA_GOAL = 0.95
+"""Target: steps per second fed by the real loaders over steps per second on synthetic tensors."""
+DATA_MODE = (2, "bf16")
+"""The step the data rows time: our fastest, so that a slow loader shows most."""
 H200_BF16_TFLOPS = 989.0
 """NVIDIA's dense bf16 tensor-core peak of the H200 (SXM), the default nominal peak on CUDA."""
 CPU = torch.device("cpu")
@@ -172,10 +192,16 @@ def on(batch: Batch, device: torch.device) -> Batch:
 
 
 def our_step(model: Data2Vec, batch: Batch, precision: str) -> Callable[[], None]:
-    opt = build_optimizer(model, model_cfg_optim())
-    device = batch.inputs.device
+    """One training step of `model` on `batch`, called again and again."""
+    step = our_step_on(model, precision, batch.inputs.device)
+    return lambda: step(batch)
 
-    def step() -> None:
+
+def our_step_on(model: Data2Vec, precision: str, device: torch.device) -> Callable[[Batch], None]:
+    """Our training step (forward under autocast, backward, AdamW, EMA) on whatever batch it is given."""
+    opt = build_optimizer(model, model_cfg_optim())
+
+    def step(batch: Batch) -> None:
         with amp(precision, device):
             out = model(batch)
         out.loss.backward()
@@ -252,10 +278,12 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
 def pretrain_rows(
     modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool, device: torch.device = CPU
 ) -> list[dict[str, Any]]:
+    """Our 1.0 and 2.0 steps (eager and, with `compile_too`, compiled) and the peer's 1.0 step, each
+    in fp32 and in bf16 autocast, on the same batch and masks."""
     rows = []
     for version in (1, 2):
         cfg = case_config(modality, size, version, True)
-        for precision in ("fp32", "bf16"):
+        for precision in PRECISIONS:
             for compiled in (False, True) if compile_too else (False,):
                 torch.manual_seed(0)
                 model = Data2Vec.from_config(cfg).train()
@@ -272,7 +300,7 @@ def pretrain_rows(
                 who = "ours+compile" if compiled else "ours"
                 rows.append(_row(who, version, precision, modality, size, batch, sec, flops))
                 print(f"  {who} {version}.0 {precision}: {1000 * sec:.0f} ms/step", flush=True)
-            if version == 1 and precision == "fp32":
+            if version == 1:  # the peer's 1.0 step on the same batch and masks, same precision
                 with tempfile.TemporaryDirectory() as d:
                     torch.manual_seed(0)
                     fresh = Data2Vec.from_config(cfg)
@@ -280,7 +308,8 @@ def pretrain_rows(
                     pstep = peer_step(hf, fresh, b, precision, cfg.targets.top_k)
                     psec = timed(pstep, steps, device=device)
                     rows.append(_row("peer", 1, precision, modality, size, batch, psec, count_flops(pstep)))
-                    print(f"  peer 1.0 fp32: {1000 * psec:.0f} ms/step", flush=True)
+                    print(f"  peer 1.0 {precision}: {1000 * psec:.0f} ms/step", flush=True)
+                    del hf, pstep
     return rows
 
 
@@ -353,60 +382,221 @@ def extract_rows(
     return rows
 
 
+# ---------------------------------------------------------------------- data pipeline
+
+
+def default_data_dir() -> Path:
+    """The shared real data: $DATA2VEC_SHARED_DATA, else `shared/data` in the first folder above this
+    script that has one (a checkout beside `shared/`), else /work/shared/data."""
+    if os.environ.get("DATA2VEC_SHARED_DATA"):
+        return Path(os.environ["DATA2VEC_SHARED_DATA"])
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return Path("/work/shared/data")
+
+
+DATA_PATHS = {"image": "cifar10/train-*.tar", "audio": "fsdd/recordings", "text": "sst2/train.tsv"}
+"""Each modality's real pretraining data under the data folder."""
+
+
+def data_config(modality: str, size: str, batch: int, length: int, data_dir: Path) -> RunConfig:
+    """The case's 2.0 config reading real data with the preset's loader settings (data workers
+    included): images from the CIFAR-10 shards, `batch` per step; speech from FSDD (clips of
+    0.15-2.3 s, resampled to 16 kHz), batches of `batch` x `length` samples' worth of seconds,
+    each cropped to its shortest clip as the preset does; text from SST-2's sentences, packed
+    into `batch` blocks of `length` tokens by a tokenizer trained on them."""
+    cfg = case_config(modality, size, DATA_MODE[0], True)
+    data = replace(cfg.data, path=str(data_dir / DATA_PATHS[modality]), batch_size=batch)
+    if modality == "audio":
+        seconds = batch * length / data.audio.sample_rate
+        data = replace(data, audio=replace(data.audio, batch_seconds=seconds, min_sample_size=2_000, max_batch_size=0))
+    if modality == "text":
+        data = replace(data, text=replace(data.text, block_size=length, tsv_column="sentence"))
+    return replace(cfg, data=data)
+
+
+def synthetic(b: Batch, cfg: RunConfig, g: torch.Generator) -> Batch:
+    """A batch of random inputs shaped like `b`, with its masks (so the step does the same work)."""
+    if cfg.model.modality == "text":
+        ids = torch.randint(4, cfg.model.text.vocab_size - 1, b.inputs.shape, generator=g)
+        student = None if b.student_inputs is None else torch.where(b.student_inputs == b.inputs, ids, b.student_inputs)
+        return Batch(ids, b.mask, b.padding_mask, student)
+    return Batch(torch.randn(b.inputs.shape, generator=g), b.mask, b.padding_mask, b.student_inputs)
+
+
+def data_rows(
+    modality: str,
+    size: str,
+    batch: int,
+    length: int,
+    steps: int,
+    data_dir: Path,
+    device: torch.device = CPU,
+) -> list[dict[str, Any]]:
+    """Our 2.0 bf16 step fed by the library's loader from real data (`steps` steps after one warm-up,
+    which starts the workers), then the same step on synthetic copies of those batches (random
+    inputs, same shapes, same masks, moved to the device each step as the loader's are)."""
+    version, precision = DATA_MODE
+    with tempfile.TemporaryDirectory(prefix="data2vec-speed-") as d:
+        cfg = data_config(modality, size, batch, length, data_dir)
+        cfg = pipeline_for(cfg).prepare(cfg, Path(d))  # text: the tokenizer and the tokenised corpus
+        torch.manual_seed(0)
+        model = Data2Vec.from_config(cfg).train().to(device)
+        step = our_step_on(model, precision, device)
+        loader, samples = build_pretrain_loader(cfg, 0)
+        skipped: list[str] = []
+        seen: list[Batch] = []
+        shapes: list[tuple[int, ...]] = []
+
+        def real() -> None:
+            raw = next_batch(loader, skipped, cfg.data.on_bad_input)
+            b = Batch(raw.inputs, raw.mask, raw.padding_mask, raw.student_inputs)
+            seen.append(b)
+            shapes.append(tuple(b.inputs.shape))
+            step(to_device(raw, device))
+
+        real()  # warm-up: the workers start and the first batch is built
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            real()
+        sync(device)
+        t_real = time.perf_counter() - t0
+        loader = iter(())  # the workers go now, before the synthetic steps are timed
+        g = torch.Generator().manual_seed(0)
+        fake = [synthetic(b, cfg, g) for b in seen]
+        step(on(fake[0], device))  # the same warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        for b in fake[1:]:
+            step(on(b, device))
+        sync(device)
+        t_fake = time.perf_counter() - t0
+    real_rate, fake_rate = steps / t_real, steps / t_fake
+    row = {
+        "case": f"{modality} {size}",
+        "mode": f"{version}.0",
+        "precision": precision,
+        "data": cfg.data.path,
+        "num_workers": cfg.data.num_workers,
+        "dataset_samples": samples,
+        "steps": steps,
+        "batch_shapes": sorted({str(list(s)) for s in shapes}),
+        "real_steps_per_sec": real_rate,
+        "synthetic_steps_per_sec": fake_rate,
+        "ratio": real_rate / fake_rate,
+    }
+    shown = f"{len(row['batch_shapes'])} shapes" if len(row["batch_shapes"]) > 3 else ", ".join(row["batch_shapes"])
+    print(
+        f"  data {version}.0 {precision}: real {real_rate:.3f} steps/s, synthetic {fake_rate:.3f} steps/s "
+        f"({row['ratio']:.2f}x; {cfg.data.num_workers} workers; batches {shown})",
+        flush=True,
+    )
+    return [row]
+
+
 # ---------------------------------------------------------------------- report
 
 
-def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]], dat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every ratio at equal precision: our 1.0 and 2.0 steps over the peer's 1.0 step, our
+    extraction over transformers', and real-data over synthetic steps."""
     out = []
     for case in sorted({r["case"] for r in pre}):
         rs = {(r["who"], r["mode"], r["precision"]): r["samples_per_sec"] for r in pre if r["case"] == case}
-        peer = rs.get(("peer", "1.0", "fp32"))
-        if peer is None:
-            continue
-        for label, (mode, precision) in (
-            ("ours 1.0 fp32 / peer fp32", ("1.0", "fp32")),
-            ("ours 1.0 bf16 / peer fp32", ("1.0", "bf16")),
-            ("ours 2.0 bf16 / peer fp32", ("2.0", "bf16")),
-        ):
-            for who in ("ours", "ours+compile"):
-                if (who, mode, precision) in rs:
-                    value = rs[(who, mode, precision)] / peer
-                    shown = label.replace("ours", who, 1)
-                    out.append({"case": case, "measure": shown, "ratio": value, "target": TARGETS[label]})
+        for precision in PRECISIONS:
+            peer = rs.get(("peer", "1.0", precision))
+            if peer is None:
+                continue
+            for mode in ("1.0", "2.0"):
+                for who in ("ours", "ours+compile"):
+                    if (who, mode, precision) in rs:
+                        label = f"{who} {mode} {precision} / peer 1.0 {precision}"
+                        out.append({"case": case, "measure": label, "ratio": rs[(who, mode, precision)] / peer})
     for r in ext:
         label = f"extract {r['precision']} / transformers {r['precision']}"
-        out.append({"case": r["case"], "measure": label, "ratio": r["ratio"], "target": TARGETS[label]})
+        out.append({"case": r["case"], "measure": label, "ratio": r["ratio"]})
         if "compiled_ratio" in r:
             shown = label.replace("extract", "extract+compile", 1)
-            out.append({"case": r["case"], "measure": shown, "ratio": r["compiled_ratio"], "target": TARGETS[label]})
+            out.append({"case": r["case"], "measure": shown, "ratio": r["compiled_ratio"]})
+    for r in dat:
+        label = f"real data {r['mode']} {r['precision']} / synthetic {r['mode']} {r['precision']}"
+        out.append({"case": r["case"], "measure": label, "ratio": r["ratio"]})
     return out
 
 
-def flop_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Achieved bf16 FLOP/s on the target case, as a fraction of the measured bf16 peak (and, on
-    CUDA, of the nominal one: the MFU)."""
-    case, target = FLOP_TARGET
-    peaks = [("bf16 peak", result["peak"]["bf16"])]
-    if result.get("nominal_bf16_peak"):
-        peaks.append((f"nominal bf16 peak {result['nominal_bf16_peak'] / 1e12:g} TFLOP/s", result["nominal_bf16_peak"]))
-    return [
-        {
-            "case": case,
-            "measure": f"{r['who']} {r['mode']} bf16 FLOP/s / {label}",
-            "ratio": r["flops_per_sec"] / peak,
-            "target": target,
-            "fraction": True,
-        }
-        for label, peak in peaks
+def targets(result: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
+    """The issue's targets, one row per target and case: the base cases always (a case this run
+    did not time is 'not measured'), and the ratio targets also for the other sizes timed.
+    Measured on our eager step ("ours"); the compiled rows are in the ratios table."""
+    found = {(r["case"], r["measure"]): r["ratio"] for r in result["ratios"]}
+    fraction = {
+        (r["case"], r["mode"]): r["peak_fraction"]
         for r in result["pretrain"]
-        if r["case"] == case and r["precision"] == "bf16"
-    ]
+        if r["who"] == "ours" and r["precision"] == "bf16"
+    }
+    rows: list[dict[str, Any]] = []
+
+    def add(case: str, target: str, value: float | None, goal: float, unit: str) -> None:
+        met = None if value is None else value >= goal
+        rows.append({"case": case, "target": target, "value": value, "goal": goal, "unit": unit, "met": met})
+
+    shown = [s for s in ("tiny", "small", "base") if s in sizes or s == "base"]
+    for size in shown:
+        for modality in MODALITIES:
+            case = f"{modality} {size}"
+            if size == "base":
+                for mode in ("1.0", "2.0"):
+                    add(
+                        case,
+                        f"ours {mode} bf16 train step FLOP/s / bf16 peak",
+                        fraction.get((case, mode)),
+                        FLOP_GOALS[modality],
+                        "%",
+                    )
+            add(case, "ours 1.0 / peer 1.0, bf16", found.get((case, "ours 1.0 bf16 / peer 1.0 bf16")), V1_GOAL, "x")
+            add(
+                case,
+                "ours 2.0 (mask 0.8) / peer 1.0, bf16",
+                found.get((case, "ours 2.0 bf16 / peer 1.0 bf16")),
+                V2_GOALS[modality],
+                "x",
+            )
+            for precision in ("bf16", "fp32"):
+                label = f"extract {precision} / transformers {precision}"
+                add(
+                    case,
+                    f"extraction / transformers, {precision}",
+                    found.get((case, label)),
+                    EXTRACT_GOALS[precision],
+                    "x",
+                )
+            v, p = DATA_MODE
+            label = f"real data {v}.0 {p} / synthetic {v}.0 {p}"
+            add(case, f"real-data / synthetic steps per second ({v}.0 {p})", found.get((case, label)), DATA_GOAL, "x")
+    return rows
 
 
 def mfu(result: dict[str, Any], row: dict[str, Any]) -> float | None:
     """A bf16 row's FLOP/s over the nominal bf16 peak (CUDA only; None elsewhere)."""
     nominal = result.get("nominal_bf16_peak")
     return row["flops_per_sec"] / nominal if nominal and row["precision"] == "bf16" else None
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "not measured"
+    return f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
+
+
+def targets_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target | case | measured | goal | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        met = "not measured" if r["met"] is None else "met" if r["met"] else "**not met**"
+        goal = f">= {fmt(r['goal'], r['unit'])}"
+        lines.append(f"| {r['target']} | {r['case']} | {fmt(r['value'], r['unit'])} | {goal} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -416,16 +606,15 @@ def markdown(result: dict[str, Any]) -> str:
     nominal = result.get("nominal_bf16_peak")
     if nominal:
         lines += [f"| nominal bf16 (MFU below) | {nominal / 1e12:g} |"]
-    head = "| case | who | mode | precision | batch | ms/step | samples/s | GFLOP/step | % of peak |"
+    head = "| case | who | mode | precision | batch | ms/step | samples/s | GFLOP/step | % of its dtype's peak |"
     rule = "|---|---|---|---|---|---|---|---|---|"
     lines += ["", head + (" MFU |" if nominal else ""), rule + ("---|" if nominal else "")]
     for r in result["pretrain"]:
-        peak = result["peak"]["bf16" if r["precision"] == "bf16" else "fp32"]
         used = mfu(result, r)
         lines.append(
             f"| {r['case']} | {r['who']} | {r['mode']} | {r['precision']} | {r['batch']} | "
             f"{1000 * r['sec_per_step']:.1f} | {r['samples_per_sec']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
-            f"{100 * r['flops_per_sec'] / peak:.0f}% |"
+            f"{100 * r['peak_fraction']:.0f}% |"
             + ("" if not nominal else " - |" if used is None else f" {100 * used:.1f}% |")
         )
     lines += [
@@ -438,15 +627,25 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['case']} | {r['precision']} | {r['batch']} | {r['ours_samples_per_sec']:.1f} | "
             f"{r['transformers_samples_per_sec']:.1f} | {r['ratio']:.2f}x | {r['rel_diff']:.1e} |"
         )
-    lines += ["", "| case | measure | ratio | target | met |", "|---|---|---|---|---|"]
-    for r in result["ratios"]:
-        met = "yes" if r["ratio"] >= r["target"] else "**no**"
-        if r.get("fraction"):
-            pct, goal = f"{100 * r['ratio']:.0f}%", f"{100 * r['target']:.0f}%"
-            lines.append(f"| {r['case']} | {r['measure']} | {pct} | >= {goal} | {met} |")
-        else:
-            lines.append(f"| {r['case']} | {r['measure']} | {r['ratio']:.2f}x | >= {r['target']}x | {met} |")
-    return "\n".join(lines) + "\n"
+    if result["data"]:
+        lines += [
+            "",
+            "| data pipeline | step | workers | steps | batch shapes | real steps/s | synthetic steps/s | ratio |",
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for r in result["data"]:
+            shapes = r["batch_shapes"]
+            shown = f"{len(shapes)} shapes" if len(shapes) > 3 else ", ".join(shapes)
+            lines.append(
+                f"| {r['case']} | {r['mode']} {r['precision']} | {r['num_workers']} | {r['steps']} | {shown} | "
+                f"{r['real_steps_per_sec']:.3f} | {r['synthetic_steps_per_sec']:.3f} | {r['ratio']:.2f}x |"
+            )
+    elif result.get("data_skipped"):
+        lines += ["", f"Data pipeline rows: not measured ({result['data_skipped']})."]
+    lines += ["", "| case | measure (equal precision) | ratio |", "|---|---|---|"]
+    lines += [f"| {r['case']} | {r['measure']} | {r['ratio']:.2f}x |" for r in result["ratios"]]
+    lines += ["", "Targets:", "", targets_markdown(result["targets"])]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -471,15 +670,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--peak-n", type=int, default=None, help="side of the peak matmul (default 2048 on a CPU, 8192 on CUDA)"
     )
+    ap.add_argument(
+        "--no-data",
+        action="store_true",
+        help="skip the data pipeline rows (real loaders vs synthetic tensors), e.g. where the data is absent",
+    )
+    ap.add_argument(
+        "--data-steps", type=int, default=20, help="data rows: timed steps on real data, and as many on synthetic"
+    )
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding cifar10/, fsdd/ and sst2/ (default: $DATA2VEC_SHARED_DATA, else ../shared/data)",
+    )
     ap.add_argument("--out", default="benchmarks/results/speed")
     args = ap.parse_args(argv)
     sizes = ["small"] if args.quick else [s for s in args.sizes.split(",") if s]
+    args.size_names = sizes
     modalities = [m for m in args.modalities.split(",") if m]
     if not set(sizes) <= {"tiny", "small", "base"} or not set(modalities) <= {"image", "audio", "text"}:
         ap.error(f"--sizes {args.sizes!r} / --modalities {args.modalities!r}: unknown name")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
     args.cases = [c for size in sizes for c in CASES[args.device][size] if c[0] in modalities]
+    if args.data_steps < 1:
+        ap.error("--data-steps must be >= 1")
+    args.data_dir = args.data_dir or default_data_dir()
+    if not args.no_data:
+        missing = sorted({DATA_PATHS[m] for m in modalities if not list(args.data_dir.glob(DATA_PATHS[m]))})
+        if missing:
+            ap.error(
+                f"--data-dir {args.data_dir}: {', '.join(missing)} not found (pass --no-data to skip the data rows)"
+            )
     return args
 
 
@@ -502,13 +725,21 @@ def main(argv: list[str] | None = None) -> None:
         "nominal_bf16_peak": args.peak_tflops * 1e12 if device.type == "cuda" else None,
         "pretrain": [],
         "extract": [],
+        "data": [],
+        "data_skipped": "--no-data" if args.no_data else None,
     }
     for modality, size, batch, length in args.cases:
         print(f"pretrain {modality} {size} ...", flush=True)
         result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, not args.no_compile, device)
         print(f"extract {modality} {size} ...", flush=True)
         result["extract"] += extract_rows(modality, size, batch, length, steps, not args.no_compile, device)
-    result["ratios"] = ratios(result["pretrain"], result["extract"]) + flop_rows(result)
+        if not args.no_data:
+            print(f"data {modality} {size} ...", flush=True)
+            result["data"] += data_rows(modality, size, batch, length, args.data_steps, args.data_dir, device)
+    for r in result["pretrain"]:  # against the matmul peak of the row's own dtype
+        r["peak_fraction"] = r["flops_per_sec"] / result["peak"][r["precision"]]
+    result["ratios"] = ratios(result["pretrain"], result["extract"], result["data"])
+    result["targets"] = targets(result, args.size_names)
     text = markdown(result)
     print(text)
     out = Path(args.out)
