@@ -32,6 +32,7 @@ from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.eval_inputs import labelled_items
 from data2vec.extract import extract_items
 from data2vec.finetune import LabelledSet
+from data2vec.model import Data2Vec
 from data2vec.presets import preset
 from data2vec.pretrained import build_model, load_pretrained
 from data2vec.training import train
@@ -145,9 +146,19 @@ def run_ours(
 def ours_features(path: str, data: LabelledSet) -> np.ndarray:
     """Mean-pooled last-layer features of one of our checkpoints."""
     pre = load_pretrained(path)
-    model = build_model(pre)
-    feats = extract_items(model, labelled_items(pre.config, data), batch_size=64)
+    return model_features(build_model(pre), pre.config, data)
+
+
+def model_features(model: Data2Vec, cfg: RunConfig, data: LabelledSet) -> np.ndarray:
+    feats = extract_items(model.eval(), labelled_items(cfg, data), batch_size=64)
     return feats[max(feats)]
+
+
+def init_features(cfg: RunConfig, data: LabelledSet) -> np.ndarray:
+    """The same features from the architecture at its seeded random initialisation: the level a
+    pretrained encoder has to beat to have learned anything a linear probe can use."""
+    torch.manual_seed(cfg.train.seed)
+    return model_features(Data2Vec.from_config(cfg), cfg, data)
 
 
 # ---------------------------------------------------------------------- peers

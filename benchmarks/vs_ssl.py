@@ -41,7 +41,7 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from ssl_arms import ours_features, precision, run_ours
+from ssl_arms import init_features, ours_config, ours_features, precision, run_ours
 
 from data2vec.probe import linear_probe
 
@@ -85,6 +85,23 @@ def evaluate(mod: ModuleType, arm: str, result: dict[str, Any], args: argparse.N
 # ---------------------------------------------------------------------- merge
 
 
+def init_probe(mod: ModuleType, out: Path, work: Path, args: argparse.Namespace) -> None:
+    """The random-initialisation level of the probe for our architectures (2.0 and 1.0 presets),
+    on the full test set, written into their arm-*.json as `init_probe`."""
+    train_set, full, _ = mod.probe_sets(args)
+    for arm in OURS:
+        path = out / f"arm-{arm}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        overrides = [*mod.ours_overrides(work), f"train.seed={args.seed}", *args.overrides]
+        cfg = ours_config(mod.PRESET, int(arm[-1]), overrides)
+        x_train, x_test = init_features(cfg, train_set), init_features(cfg, full)
+        result["init_probe"] = linear_probe(x_train, np.asarray(train_set.targets), x_test, np.asarray(full.targets))
+        print(f"{arm} at random init: probe {result['init_probe']:.4f} on {len(full)}", flush=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def time_to(snaps: list[dict[str, Any]], target: float) -> float | None:
     """Minutes at which an arm's curve first reaches `target` (linear between points), or None."""
     prev_t, prev_a = 0.0, 0.0
@@ -115,15 +132,17 @@ def merge(out: Path, modality: str) -> None:
     lines = [
         f"### {modality}: data2vec vs {names[peer]} at equal wall-clock",
         "",
-        "| arm | pretraining minutes | steps | final linear probe, full test | the curve's last point | recipe |",
-        "|---|---|---|---|---|---|",
+        "| arm | pretraining minutes | steps | final linear probe, full test | the curve's last point "
+        "| same architecture at random init | recipe |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in arms.items():
         last = r["snapshots"][-1]
         full, n_full = last.get("probe_full", last["probe"]), last.get("probe_full_examples", tested(last))
+        init = f"{r['init_probe']:.4f}" if "init_probe" in r else "not measured"
         lines.append(
             f"| {names[name]} | {last['minutes']:.1f} | {r['steps']} | {full:.4f} ({n_full} {mod.UNIT}) "
-            f"| {last['probe']:.4f} ({tested(last)}) | {r['recipe']} |"
+            f"| {last['probe']:.4f} ({tested(last)}) | {init} | {r['recipe']} |"
         )
     lines += ["", "| question | answer |", "|---|---|"]
     if peer in arms and "ours2" in arms:
@@ -176,6 +195,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="our arms' config KEY=VALUE")
     p.add_argument("--merge", action="store_true", help="only build the tables and plot from arm-*.json")
+    p.add_argument(
+        "--init-probe", action="store_true", help="only probe our architectures at random init (into arm-*.json)"
+    )
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/vs_ssl/MODALITY)")
     p.add_argument("--work", default="/tmp/data2vec-bench/vs_ssl")
     known, _ = p.parse_known_args()
@@ -194,6 +216,10 @@ def main() -> None:
         with open(work / ".prepare.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             mod.prepare(work, args)
+    if args.init_probe:
+        init_probe(mod, out, work, args)
+        merge(out, args.modality)
+        return
     budget = args.budget_minutes * 60
     for arm in (args.arms or f"ours2,{mod.PEER},ours1").split(","):
         if arm not in arm_names(mod):
