@@ -8,7 +8,12 @@ A modality module (`vs_ssl_image.py`, `vs_ssl_audio.py`, `vs_ssl_text.py`) provi
 - `run_peer(budget_s, points, work, seed, args)`: the peer's calibrated run (`calibrated_run`);
 - `peer_features(path, data)`: mean-pooled last-layer features of a peer snapshot;
 - `probe_sets(args)`: (labelled training set, full test set, the curve's test subset);
-- `add_arguments(parser)`: its own command-line options (may add none).
+- `add_arguments(parser)`: its own command-line options (may add none);
+
+and, for fine-tuning (`vs_ssl_finetune.py`):
+
+- `peer_to_ours(path, out_dir)`: the peer's snapshot converted into our pretrained-model folder;
+- `finetune_sets(args)`: (labelled training set, test set); `finetune_config(epochs)`: the recipe.
 """
 
 from __future__ import annotations
