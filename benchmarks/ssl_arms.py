@@ -11,6 +11,11 @@ A modality module (`vs_ssl_image.py`, `vs_ssl_audio.py`, `vs_ssl_text.py`) provi
 - `add_arguments(parser)`: its own command-line options (may add none);
 - optionally `prepare(work, args)`: its pretraining data, made once under `work` before any arm
   runs (vs_ssl.py holds a file lock around it, so arms started in parallel wait for one copy).
+
+and, for fine-tuning (`vs_ssl_finetune.py`):
+
+- `peer_to_ours(path, out_dir)`: the peer's snapshot converted into our pretrained-model folder;
+- `finetune_sets(args)`: (labelled training set, test set); `finetune_config(epochs)`: the recipe.
 """
 
 from __future__ import annotations

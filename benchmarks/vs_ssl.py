@@ -24,7 +24,8 @@ others).
     python benchmarks/vs_ssl.py --modality image --merge --out benchmarks/results/vs_ssl/image
 
 Arms may run in separate processes (one per core); each writes `arm-<name>.json` under --out,
-and `--merge` builds results.md, results.json and curves.png from them.
+and `--merge` builds results.md, results.json and curves.png from them, with a fine-tuned table
+when vs_ssl_finetune.py has written `finetune-<name>.json` there.
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ def merge(out: Path, modality: str) -> None:
     info = dict(next(iter(arms.values()))["info"]) if arms else {}
     info["command"] = "; ".join(r["info"]["command"] for r in arms.values())
     lines += ["", *(f"- {k}: {v}" for k, v in info.items())]
+    tuned = {p.stem.removeprefix("finetune-"): json.loads(p.read_text()) for p in sorted(out.glob("finetune-*.json"))}
+    lines += finetune_table(tuned, names)
+    for name, ft in tuned.items():
+        if name in arms:
+            arms[name]["finetune"] = ft
     md = "\n".join(lines) + "\n"
     print(md)
     (out / "results.md").write_text(md)
@@ -177,6 +183,41 @@ def merge(out: Path, modality: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
+
+
+def finetune_table(tuned: dict[str, dict[str, Any]], names: dict[str, str]) -> list[str]:
+    """results.md lines for the `finetune-<arm>.json` files (vs_ssl_finetune.py): every seed's
+    best-epoch score, their mean and spread, per arm; nothing when there are none."""
+    if not tuned:
+        return []
+    first = next(iter(tuned.values()))
+    rc, metric = first["recipe"], first["metric"]
+    lines = [
+        "",
+        "#### fine-tuned: each arm's last snapshot, one recipe (benchmarks/vs_ssl_finetune.py)",
+        "",
+        f"| arm | snapshot | {metric} per seed (best epoch) | mean | std | minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in tuned.items():
+        per_seed = ", ".join(f"{s['best']:.4f} (ep {s['best_epoch']})" for s in r["seeds"])
+        snap = r["snapshot"]
+        minutes = np.mean([s["seconds"] for s in r["seeds"]]) / 60
+        lines.append(
+            f"| {names.get(name, name)} | step {snap['step']}, {snap['minutes']:.1f} min "
+            f"| {per_seed} | {r['mean']:.4f} | {r['std']:.4f} | {minutes:.1f} |"
+        )
+    lines += [
+        "",
+        f"- recipe: {rc['task']}, {rc['epochs']} epochs, batch {rc['batch_size']}, lr {rc['lr']}, layer decay "
+        f"{rc['layer_decay']}, drop-path {rc['drop_path']}, mixup {rc['mixup']} / cutmix {rc['cutmix']} "
+        f"(p {rc['mix_prob']}), label smoothing {rc['label_smoothing']}, crop scale {tuple(rc['crop_scale'])}, "
+        f"{rc['precision']}; the best epoch on the test set (as benchmarks/cifar10.py)",
+        f"- sets: train {first['sets']['train']}; test {first['sets']['test']}",
+        "- the peer's encoder is converted into this library's model and fine-tuned by the same code",
+        f"- command: {'; '.join(r['info']['command'] for r in tuned.values())}",
+    ]
+    return lines
 
 
 # ---------------------------------------------------------------------- main

@@ -5,26 +5,35 @@ a decoder 2/3 the encoder's width and depth as MAE's ViT-B one (heads of 32), Ad
 0.95), weight decay 0.05 off biases and norms, lr = 1.5e-4 x batch / 256, 5% warm-up then cosine,
 on the same augmented views (RandomResizedCrop 0.2-1, flip) as ours. The probe: the first 5,000
 labelled training images (10%), the test images.
+
+Fine-tuning (vs_ssl_finetune.py): MAE's encoder is converted into this library's model
+(`mae_to_ours`: the same ViT, pre-LN blocks and a final norm) and fine-tuned by our `finetune()`
+with benchmarks/cifar10.py's recipe, exactly as our own snapshots are.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import common
 import numpy as np
 import torch
-from cifar10 import labelled
+from cifar10 import finetune_recipe, labelled
 from ssl_arms import autocast, calibrated_run, cosine_lr, decay_groups, ours_config
 from torch import Tensor
 
 from data2vec.config import RunConfig
 from data2vec.data.images import ImageFolderSource, PretrainTransform, TarShardSource, eval_transform
 from data2vec.data.sampling import sample_seed
-from data2vec.finetune import LabelledSet
+from data2vec.finetune import FinetuneConfig, LabelledSet
+from data2vec.interop import InteropError, save_pretrained
+from data2vec.model import Data2Vec
+from data2vec.nn.pos import sincos_2d
+from data2vec.pretrained import load_student_weights
 
 PRESET = "image-tiny"
 PEER = "mae"
@@ -66,6 +75,23 @@ def mae_config(cfg: RunConfig) -> Any:
     )
 
 
+def published_init(model: Any) -> Any:
+    """A ViTMAEForPreTraining built from a config, initialised as transformers means to (MAE's
+    published init): transformers 5.x initialises the patch projection before its embeddings
+    module, whose initialisation then stops early, and its generic init zeroes the decoder's table,
+    leaving both fixed sin-cos position tables, the CLS and the mask token at zero (no position
+    information at all) and the projection N(0, 0.02) instead of Xavier. Run their own
+    initialisers again, with the "already initialised" marks taken off those modules."""
+    emb, dec = model.vit.embeddings, model.decoder
+    for module in (emb, emb.patch_embeddings.projection, dec):
+        module._is_hf_initialized = False
+        for t in module.parameters(recurse=False):
+            t._is_hf_initialized = False
+    emb.initialize_weights()
+    dec.initialize_weights(emb.patch_embeddings.num_patches)
+    return model
+
+
 def views(source: TarShardSource, transform: PretrainTransform, batch: int, seed: int) -> Iterator[Tensor]:
     """Endless batches of augmented views, the same augmentation ours uses (per-sample seeds)."""
     epoch = 0
@@ -88,7 +114,7 @@ def run_peer(budget_s: float, points: int, work: Path, seed: int, args: argparse
 
     def build() -> tuple[Any, torch.optim.Optimizer]:
         torch.manual_seed(seed)
-        model = ViTMAEForPreTraining(mae_config(cfg)).train()
+        model = published_init(ViTMAEForPreTraining(mae_config(cfg))).train()
         return model, torch.optim.AdamW(decay_groups(model, 0.05), lr=peak, betas=(0.9, 0.95))
 
     d = cfg.data
@@ -148,11 +174,161 @@ def peer_features(path: str, data: LabelledSet) -> np.ndarray:
 def probe_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
     """(the first `--labels` training images, the test set or `--test-limit` of it, a fixed subset
     of `--curve-test` test images for the curve's inner points)."""
-    labels = args.labels or 5000
-    shards = sorted(str(s) for s in (common.DATA / "cifar10").glob("train-*.tar"))
-    train_set = labelled(TarShardSource(shards), np.arange(labels), f"cifar10 train (first {labels} labelled)")
     test_src = ImageFolderSource(common.DATA / "cifar10" / "test")
-    limit = args.test_limit or len(test_src)
-    full = labelled(test_src, np.sort(np.random.default_rng(0).permutation(len(test_src))[:limit]), "cifar10 test")
     sub = np.sort(np.random.default_rng(0).permutation(len(test_src))[: args.curve_test])
-    return train_set, full, labelled(test_src, sub, f"cifar10 test ({args.curve_test})")
+    return (
+        cifar_train(args.labels),
+        cifar_test(args.test_limit),
+        labelled(test_src, sub, f"cifar10 test ({args.curve_test})"),
+    )
+
+
+def cifar_train(labels: int) -> LabelledSet:
+    """The first `labels` (default 5,000) labelled training images, as benchmarks/cifar10.py."""
+    labels = labels or 5000
+    shards = sorted(str(s) for s in (common.DATA / "cifar10").glob("train-*.tar"))
+    return labelled(TarShardSource(shards), np.arange(labels), f"cifar10 train (first {labels} labelled)")
+
+
+def cifar_test(limit: int) -> LabelledSet:
+    """The test images, or the `limit` of them benchmarks/cifar10.py's --test-limit draws."""
+    test_src = ImageFolderSource(common.DATA / "cifar10" / "test")
+    limit = limit or len(test_src)
+    return labelled(test_src, np.sort(np.random.default_rng(0).permutation(len(test_src))[:limit]), "cifar10 test")
+
+
+# ---------------------------------------------------------------------- fine-tuning
+
+
+def finetune_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet]:
+    """benchmarks/cifar10.py's fine-tuning sets: the first `--labels` (5,000) labelled training
+    images, and the test images (all, or `--test-limit` of them)."""
+    return cifar_train(args.labels), cifar_test(args.test_limit)
+
+
+def finetune_config(epochs: int) -> FinetuneConfig:
+    """benchmarks/cifar10.py's recipe, the same for every arm."""
+    return finetune_recipe(epochs)
+
+
+_MAE_LAYER = {  # (ours, transformers 5.x, transformers 4.x): per block i, a weight and a bias each
+    "norm1": ("layers.{}.layernorm_before", "encoder.layer.{}.layernorm_before"),
+    "norm2": ("layers.{}.layernorm_after", "encoder.layer.{}.layernorm_after"),
+    "attn.proj": ("layers.{}.attention.o_proj", "encoder.layer.{}.attention.output.dense"),
+    "mlp.fc1": ("layers.{}.mlp.fc1", "encoder.layer.{}.intermediate.dense"),
+    "mlp.fc2": ("layers.{}.mlp.fc2", "encoder.layer.{}.output.dense"),
+}
+_MAE_QKV = (  # fused into our attn.qkv in this order
+    ("layers.{}.attention.q_proj", "encoder.layer.{}.attention.attention.query"),
+    ("layers.{}.attention.k_proj", "encoder.layer.{}.attention.attention.key"),
+    ("layers.{}.attention.v_proj", "encoder.layer.{}.attention.attention.value"),
+)
+
+
+def mae_run_config(cfg: RunConfig, positions: str = "sincos") -> RunConfig:
+    """Our config for MAE's encoder built from `cfg` (mae_config(cfg) builds MAE from it): the same
+    width, depth, heads, MLP, patches and CLS token; transformers' ViT blocks are pre-LN (LayerNorm
+    eps 1e-12) with a final LayerNorm, where our 2.0 blocks are post-LN after an input LayerNorm.
+    `positions`: "sincos" (MAE's fixed table) or "none" (a MAE whose table is all zeros)."""
+    mc = mae_config(cfg)
+    enc = replace(
+        cfg.model.encoder,
+        dim=mc.hidden_size,
+        depth=mc.num_hidden_layers,
+        prenet_depth=0,
+        num_heads=mc.num_attention_heads,
+        mlp_ratio=mc.intermediate_size / mc.hidden_size,
+        norm_order="pre",
+        norm_eps=mc.layer_norm_eps,
+        qkv_bias="all",
+        layer_scale_init=0.0,
+        position_bias="none",
+        activation={"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}[mc.hidden_act],
+        input_norm=False,
+        final_norm=True,
+    )
+    image = replace(cfg.model.image, positions=positions, cls_token=True)
+    return replace(cfg, model=replace(cfg.model, version=2, encoder=enc, image=image))
+
+
+def mae_positions(mae: dict[str, Tensor], cfg: RunConfig) -> str:
+    """What MAE's position table is, as our `image.positions`: "sincos" when it is our fixed table
+    (same layout: columns in the first half), "none" when it is all zeros (what transformers 5.x
+    leaves in a ViTMAE built from a config, see `published_init`); any other table raises
+    InteropError (ours are fixed, not loaded)."""
+    pos = {k.removeprefix("vit."): v for k, v in mae.items()}["embeddings.position_embeddings"][0].float()
+    ours = sincos_2d(pos.shape[-1], cfg.model.image.grid)
+    if pos.shape[0] != 1 + len(ours):
+        raise InteropError(f"MAE's position table has {pos.shape[0] - 1} patch rows, our grid {len(ours)}")
+    if not bool(pos.any()):
+        return "none"
+    diff = float((pos[1:] - ours).abs().max())
+    if diff > 1e-6:
+        raise InteropError(
+            f"MAE's position table is neither zero nor our fixed sin-cos table (max difference {diff:.2e})"
+        )
+    return "sincos"
+
+
+def mae_state_to_ours(mae: dict[str, Tensor], cfg: RunConfig) -> dict[str, Tensor]:
+    """A ViTMAE encoder's state dict (`ViTMAEModel`, or `ViTMAEForPreTraining` with its `vit.`
+    prefix and decoder; transformers 5.x or 4.x names) as our front-end and encoder weights for
+    `mae_run_config(cfg, mae_positions(mae, cfg))`."""
+    sd = {k.removeprefix("vit."): v for k, v in mae.items() if not k.startswith("decoder.")}
+    col = 0 if "layers.0.attention.q_proj.weight" in sd else 1
+    depth = mae_config(cfg).num_hidden_layers
+    used: set[str] = set()
+
+    def take(name: str) -> Tensor:
+        if name not in sd:
+            raise InteropError(f"MAE state dict: no {name}")
+        used.add(name)
+        return sd[name]
+
+    mae_positions(mae, cfg)  # a table ours cannot compute raises here
+    pos = take("embeddings.position_embeddings")
+    out = {
+        "frontend.local.proj.weight": take("embeddings.patch_embeddings.projection.weight"),
+        "frontend.local.proj.bias": take("embeddings.patch_embeddings.projection.bias"),
+        # MAE adds the table's CLS row (zeros) to its CLS token: folded in, exact either way
+        "frontend.context.prefix": take("embeddings.cls_token") + pos[:, :1],
+        "encoder.final_norm.weight": take("layernorm.weight"),
+        "encoder.final_norm.bias": take("layernorm.bias"),
+    }
+    for i in range(depth):
+        for ours, names in _MAE_LAYER.items():
+            for p in ("weight", "bias"):
+                out[f"encoder.blocks.{i}.{ours}.{p}"] = take(f"{names[col].format(i)}.{p}")
+        for p in ("weight", "bias"):
+            out[f"encoder.blocks.{i}.attn.qkv.{p}"] = torch.cat([take(f"{n[col].format(i)}.{p}") for n in _MAE_QKV])
+    left = sorted(set(sd) - used)
+    if left:
+        raise InteropError(f"MAE state dict: no place in our model for {', '.join(left[:5])}")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def mae_to_ours(mae: dict[str, Tensor] | str | Path, cfg: RunConfig, out_dir: str | Path) -> Path:
+    """Convert a MAE encoder (a state dict, or a file holding one: a vs_ssl snapshot `.pt`, read
+    with weights_only, or `.safetensors`) into our pretrained-model folder `out_dir`
+    (config.json + model.safetensors, what `load_pretrained` and `finetune` read). The encoder
+    computes what `ViTMAEModel` computes with every patch visible (tests/test_vs_ssl_convert.py);
+    the folder's 2.0 decoder is freshly initialised and unused by fine-tuning."""
+    if not isinstance(mae, dict):
+        path = Path(mae)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            mae = load_file(str(path))
+        else:
+            mae = torch.load(path, map_location="cpu", weights_only=True)
+    assert isinstance(mae, dict)
+    rcfg = mae_run_config(cfg, mae_positions(mae, cfg))
+    torch.manual_seed(0)
+    model = Data2Vec.from_config(rcfg)
+    load_student_weights(model, mae_state_to_ours(mae, cfg), "a MAE encoder", what="MAE conversion")
+    return save_pretrained(model.eval(), out_dir, config=rcfg)
+
+
+def peer_to_ours(path: str, out_dir: Path) -> Path:
+    """The peer snapshot at `path` (run_peer's) as our pretrained-model folder (vs_ssl_finetune.py)."""
+    return mae_to_ours(path, ours_config(PRESET, 2, []), out_dir)

@@ -1,0 +1,117 @@
+"""benchmarks/vs_ssl_image.py's MAE -> ours conversion: the converted encoder computes what
+transformers' ViTMAEModel computes with every patch visible, token by token."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_images, make_tiny_config
+
+pytest.importorskip("transformers")
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import vs_ssl_image  # noqa: E402
+
+from data2vec.interop import InteropError  # noqa: E402
+from data2vec.nn.pos import sincos_2d  # noqa: E402
+from data2vec.pretrained import build_model, load_pretrained  # noqa: E402
+
+
+def _random_mae(seed: int = 0, positions: bool = True) -> torch.nn.Module:
+    """A tiny ViTMAEModel shaped like the tiny test config, every weight random (LayerNorms and
+    biases too, so that swapping any two of them changes the output); the position table MAE's
+    sin-cos one (`published_init`) or, without `positions`, the zeros transformers 5.x leaves."""
+    from transformers import ViTMAEForPreTraining
+
+    mcfg = vs_ssl_image.mae_config(make_tiny_config(2))
+    mcfg.mask_ratio = 0.0
+    torch.manual_seed(seed)
+    full = ViTMAEForPreTraining(mcfg)
+    mae = (vs_ssl_image.published_init(full) if positions else full).vit.eval()
+    with torch.no_grad():
+        for name, p in mae.named_parameters():
+            if name != "embeddings.position_embeddings":
+                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "layernorm" in name else 0.0))
+    return mae
+
+
+def _mae_tokens(mae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    mc = mae.config
+    T = (mc.image_size // mc.patch_size) ** 2
+    noise = torch.arange(T, dtype=torch.float32).expand(len(x), -1)  # the identity shuffle
+    out = mae(pixel_values=x, noise=noise)
+    assert torch.equal(out.ids_restore, noise.long())
+    return out.last_hidden_state
+
+
+def _ours_tokens(state: dict[str, torch.Tensor], folder: Path, x: torch.Tensor) -> torch.Tensor:
+    vs_ssl_image.mae_to_ours(state, make_tiny_config(2), folder)
+    model = build_model(load_pretrained(folder))
+    return model.encode(x).x
+
+
+@pytest.mark.parametrize("positions", [True, False], ids=["sincos", "zero-table"])
+def test_converted_mae_matches_transformers(tmp_path: Path, positions: bool) -> None:
+    mae = _random_mae(positions=positions)
+    table = mae.embeddings.position_embeddings[0, 1:]
+    assert torch.equal(table, sincos_2d(32, (4, 4)) if positions else torch.zeros_like(table))
+    x = make_images(3)
+    with torch.no_grad():
+        ref = _mae_tokens(mae, x)
+        ours = _ours_tokens(mae.state_dict(), tmp_path / "mae", x)
+    assert ours.shape == ref.shape == (3, 17, 32)  # CLS + 4x4 patches
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0), float((ours - ref).abs().max())
+    assert load_pretrained(tmp_path / "mae").config.model.image.positions == ("sincos" if positions else "none")
+    # the ForPreTraining form (vit. prefix, decoder dropped) converts to the same weights
+    wrapped = {f"vit.{k}": v for k, v in mae.state_dict().items()} | {"decoder.decoder_norm.weight": torch.ones(32)}
+    a = vs_ssl_image.mae_state_to_ours(wrapped, make_tiny_config(2))
+    b = vs_ssl_image.mae_state_to_ours(mae.state_dict(), make_tiny_config(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("layers.1.layernorm_before.weight", "layers.1.layernorm_after.weight"),
+        ("layers.0.attention.q_proj.weight", "layers.0.attention.k_proj.weight"),
+        ("layers.2.mlp.fc2.bias", "layers.2.attention.o_proj.bias"),
+    ],
+)
+def test_a_wrong_mapping_changes_the_output(tmp_path: Path, a: str, b: str) -> None:
+    """The comparison above is sensitive to each mapping: two weights swapped differ visibly."""
+    mae = _random_mae()
+    x = make_images(2)
+    state = dict(mae.state_dict())
+    state[a], state[b] = state[b], state[a]
+    with torch.no_grad():
+        ref = _mae_tokens(mae, x)
+        ours = _ours_tokens(state, tmp_path / "swapped", x)
+    assert float((ours - ref).abs().max()) > 1e-2
+
+
+def test_a_foreign_position_table_is_refused(tmp_path: Path) -> None:
+    state = dict(_random_mae().state_dict())
+    pos = state["embeddings.position_embeddings"].clone()
+    state["embeddings.position_embeddings"] = torch.cat([pos[..., 16:], pos[..., :16]], -1)  # rows first
+    with pytest.raises(InteropError, match="neither zero nor our fixed sin-cos"):
+        vs_ssl_image.mae_to_ours(state, make_tiny_config(2), tmp_path / "bad")
+
+
+def test_published_init_gives_mae_its_position_tables() -> None:
+    """transformers 5.x leaves a ViTMAE built from a config without positions; the peer's
+    pretraining re-runs transformers' own initialisers (published_init)."""
+    from transformers import ViTMAEForPreTraining
+
+    mcfg = vs_ssl_image.mae_config(make_tiny_config(2))
+    torch.manual_seed(0)
+    model = vs_ssl_image.published_init(ViTMAEForPreTraining(mcfg))
+    zero_row = torch.zeros(1, 32)
+    assert torch.equal(model.vit.embeddings.position_embeddings[0], torch.cat([zero_row, sincos_2d(32, (4, 4))]))
+    assert torch.equal(model.decoder.decoder_pos_embed[0], torch.cat([zero_row, sincos_2d(32, (4, 4))]))
+    assert bool(model.vit.embeddings.cls_token.detach().any()) and bool(model.decoder.mask_token.detach().any())
+    assert not model.vit.embeddings.position_embeddings.requires_grad
