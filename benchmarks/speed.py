@@ -1,30 +1,39 @@
-"""Pretraining and feature-extraction throughput: this library against the transformers peer.
+r"""Pretraining and feature-extraction throughput: this library against the transformers peer.
 
-The peer is the data2vec 1.0 step a user would write today on transformers' Data2Vec*Model:
-an EMA teacher on the full input (top-K hidden states, instance-normed, averaged), the student
-with `bool_masked_pos` (vision), `mask_time_indices` (audio) or masked input ids (text), a
-linear head, smooth-L1 (vision) or L2 loss at masked positions, AdamW and a foreach EMA.
-Both start from identical weights (`save_hf`) and use the same masks. Our steps: 1.0 and 2.0
-(mask 0.8, one mask per sample), eager and with `train.compile` (torch.compile of every
-Transformer block; the compile runs in the warm-up steps, outside the timing). Every step, ours
-and the peer's, runs in fp32 and in bf16 autocast, and every ratio compares equal precision
-(ours bf16 / peer bf16, ours fp32 / peer fp32). FLOPs are counted with torch's FlopCounterMode
-for one eager step and divided by the median step time; each row's FLOP/s is given against the
-measured matmul peak of its own dtype (a square matmul, 2048 on a CPU, 8192 on CUDA, timed in
-fp32 and in bf16 in the same run). On CUDA the steps are timed between `torch.cuda.synchronize`
-calls, the batches are larger (a GPU-sized batch, not a CPU-sized one), and the bf16 FLOP/s are
-also given against a nominal peak (`--peak-tflops`, default the H200's dense bf16 989 TFLOP/s),
-i.e. the MFU.
+The peer is the data2vec 1.0 step a user would write today on transformers' Data2Vec*Model: an EMA
+teacher on the full input (top-K hidden states, instance-normed, averaged), the student with
+`bool_masked_pos` (vision), `mask_time_indices` (audio) or masked input ids (text), a linear head,
+smooth-L1 (vision) or L2 loss at masked positions, AdamW and a foreach EMA. Both start from
+identical weights (`save_hf`) and use the same masks. Our steps: 1.0 and 2.0 (mask 0.8, one mask
+per sample), eager and with `train.compile` (torch.compile of every Transformer block; the compile
+runs in the warm-up steps, outside the timing). Every step, ours and the peer's, runs in fp32 and
+in bf16 autocast (or in those of `--precisions`), and every ratio compares equal precision (ours
+bf16 / peer bf16, ours fp32 / peer fp32). FLOPs are counted with torch's FlopCounterMode for one
+eager step and divided by the median step time; each row's FLOP/s is given against the measured
+matmul peak of its own dtype (a square matmul, 2048 on a CPU, 8192 on CUDA, timed in each precision
+run, in the same run). On CUDA the steps are timed between `torch.cuda.synchronize` calls, the
+batches are larger (a GPU-sized batch, not a CPU-sized one), and the bf16 FLOP/s are also given
+against a nominal peak (`--peak-tflops`, default the H200's dense bf16 989 TFLOP/s), i.e. the MFU.
 
-Data rows (unless `--no-data`): our 2.0 bf16 step fed by the library's own pretraining loaders
-(`build_pretrain_loader`, the preset's data workers) from the real data in ../shared/data
-(CIFAR-10 tar shards, FSDD wav, SST-2 text), against the same step on synthetic tensors of the
-same shapes with the same masks; the ratio is real / synthetic steps per second, over
-`--data-steps` steps each (mean, so loader stalls count). A targets table ends the report.
+Data rows (unless `--no-data`): our 2.0 step, in the first of `--precisions` (bf16 by default), fed
+by the library's own pretraining loaders (`build_pretrain_loader`, the preset's data workers) from
+the real data in ../shared/data (CIFAR-10 tar shards, FSDD wav, SST-2 text), against the same step
+on synthetic tensors of the same shapes with the same masks; the ratio is real / synthetic steps
+per second, over `--data-steps` steps each (mean, so loader stalls count). A targets table ends the
+report.
+
+`--precisions` (default `bf16,fp32`) picks the precisions timed, for ours and the peer alike (train
+steps, extraction, compiled rows, and the matmul peaks); the data rows run in the first one listed.
+A target in a precision the run skipped reads "not measured (bf16 not run)". On a CPU without bf16
+hardware (no AMX / AVX512-BF16; `data2vec doctor` reports it) bf16 matmuls are emulated, tens of
+times slower than fp32, so run `--precisions fp32`, e.g.
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/speed.py --sizes base --threads 1 --steps 5 \
+        --data-steps 20 --precisions fp32 --no-compile --out benchmarks/results/speed
 
     python benchmarks/speed.py [--device cpu|cuda] [--quick | --sizes small,base] [--modalities image,audio,text]
-        [--no-compile] [--threads 2] [--steps 5] [--peak-tflops 989] [--no-data] [--data-steps 20]
-        [--data-dir ../shared/data] [--out benchmarks/results/speed]
+        [--precisions bf16,fp32] [--no-compile] [--threads 2] [--steps 5] [--peak-tflops 989] [--no-data]
+        [--data-steps 20] [--data-dir ../shared/data] [--out benchmarks/results/speed]
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +70,7 @@ from data2vec.training.objectives import next_batch, to_device
 
 MODALITIES = ("image", "audio", "text")
 PRECISIONS = ("fp32", "bf16")
+"""Every precision the script can time, in the order its rows are listed."""
 FLOP_GOALS = {"image": 0.50, "text": 0.50, "audio": 0.30}
 """Targets: achieved bf16 FLOP/s of our base train steps (1.0 and 2.0) over the measured bf16 peak."""
 V1_GOAL = 1.5
@@ -69,8 +81,9 @@ EXTRACT_GOALS = {"bf16": 1.5, "fp32": 1.1}
 """Targets: our feature extraction over transformers' with the same weights, equal precision."""
 DATA_GOAL = 0.95
 """Target: steps per second fed by the real loaders over steps per second on synthetic tensors."""
-DATA_MODE = (2, "bf16")
-"""The step the data rows time: our fastest, so that a slow loader shows most."""
+DATA_VERSION = 2
+"""The step the data rows time: our fastest, so that a slow loader shows most (in the first of
+`--precisions`)."""
 H200_BF16_TFLOPS = 989.0
 """NVIDIA's dense bf16 tensor-core peak of the H200 (SXM), the default nominal peak on CUDA."""
 CPU = torch.device("cpu")
@@ -276,14 +289,21 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
 
 
 def pretrain_rows(
-    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool, device: torch.device = CPU
+    modality: str,
+    size: str,
+    batch: int,
+    length: int,
+    steps: int,
+    compile_too: bool,
+    device: torch.device = CPU,
+    precisions: Sequence[str] = PRECISIONS,
 ) -> list[dict[str, Any]]:
     """Our 1.0 and 2.0 steps (eager and, with `compile_too`, compiled) and the peer's 1.0 step, each
-    in fp32 and in bf16 autocast, on the same batch and masks."""
+    in every one of `precisions` (fp32, bf16 autocast), on the same batch and masks."""
     rows = []
     for version in (1, 2):
         cfg = case_config(modality, size, version, True)
-        for precision in PRECISIONS:
+        for precision in ordered(precisions):
             for compiled in (False, True) if compile_too else (False,):
                 torch.manual_seed(0)
                 model = Data2Vec.from_config(cfg).train()
@@ -330,7 +350,14 @@ def _row(
 
 
 def extract_rows(
-    modality: str, size: str, batch: int, length: int, steps: int, compile_too: bool, device: torch.device = CPU
+    modality: str,
+    size: str,
+    batch: int,
+    length: int,
+    steps: int,
+    compile_too: bool,
+    device: torch.device = CPU,
+    precisions: Sequence[str] = PRECISIONS,
 ) -> list[dict[str, Any]]:
     cfg = case_config(modality, size, 1, True)
     torch.manual_seed(0)
@@ -343,7 +370,7 @@ def extract_rows(
     with tempfile.TemporaryDirectory() as d:
         hf = hf_model(model, Path(d)).to(device).eval()
         model.to(device)
-        for precision in ("fp32", "bf16"):
+        for precision in ordered(precisions):
 
             def ours(precision: str = precision, m: Data2Vec = model) -> None:
                 with torch.inference_mode(), amp(precision, device):
@@ -406,7 +433,7 @@ def data_config(modality: str, size: str, batch: int, length: int, data_dir: Pat
     0.15-2.3 s, resampled to 16 kHz), batches of `batch` x `length` samples' worth of seconds,
     each cropped to its shortest clip as the preset does; text from SST-2's sentences, packed
     into `batch` blocks of `length` tokens by a tokenizer trained on them."""
-    cfg = case_config(modality, size, DATA_MODE[0], True)
+    cfg = case_config(modality, size, DATA_VERSION, True)
     data = replace(cfg.data, path=str(data_dir / DATA_PATHS[modality]), batch_size=batch)
     if modality == "audio":
         seconds = batch * length / data.audio.sample_rate
@@ -433,11 +460,12 @@ def data_rows(
     steps: int,
     data_dir: Path,
     device: torch.device = CPU,
+    precision: str = "bf16",
 ) -> list[dict[str, Any]]:
-    """Our 2.0 bf16 step fed by the library's loader from real data (`steps` steps after one warm-up,
-    which starts the workers), then the same step on synthetic copies of those batches (random
-    inputs, same shapes, same masks, moved to the device each step as the loader's are)."""
-    version, precision = DATA_MODE
+    """Our 2.0 step in `precision` fed by the library's loader from real data (`steps` steps after one
+    warm-up, which starts the workers), then the same step on synthetic copies of those batches
+    (random inputs, same shapes, same masks, moved to the device each step as the loader's are)."""
+    version = DATA_VERSION
     with tempfile.TemporaryDirectory(prefix="data2vec-speed-") as d:
         cfg = data_config(modality, size, batch, length, data_dir)
         cfg = pipeline_for(cfg).prepare(cfg, Path(d))  # text: the tokenizer and the tokenised corpus
@@ -528,8 +556,11 @@ def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]], dat: list[dict[
 
 def targets(result: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
     """The issue's targets, one row per target and case: the base cases always (a case this run
-    did not time is 'not measured'), and the ratio targets also for the other sizes timed.
+    did not time is 'not measured'), and the ratio targets also for the other sizes timed. A target
+    in a precision the run skipped (`--precisions`) is 'not measured (bf16 not run)'; the data
+    target is in the precision the data rows ran in (the first of `--precisions`).
     Measured on our eager step ("ours"); the compiled rows are in the ratios table."""
+    run = result.get("precisions", list(PRECISIONS))
     found = {(r["case"], r["measure"]): r["ratio"] for r in result["ratios"]}
     fraction = {
         (r["case"], r["mode"]): r["peak_fraction"]
@@ -538,9 +569,16 @@ def targets(result: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
     }
     rows: list[dict[str, Any]] = []
 
-    def add(case: str, target: str, value: float | None, goal: float, unit: str) -> None:
+    def add(case: str, target: str, value: float | None, goal: float, unit: str, precision: str) -> None:
+        skipped = precision not in run
+        if skipped:
+            value = None
         met = None if value is None else value >= goal
-        rows.append({"case": case, "target": target, "value": value, "goal": goal, "unit": unit, "met": met})
+        row = {"case": case, "target": target, "precision": precision, "value": value, "goal": goal, "unit": unit}
+        row["met"] = met
+        if skipped:
+            row["not_measured"] = f"{precision} not run"
+        rows.append(row)
 
     shown = [s for s in ("tiny", "small", "base") if s in sizes or s == "base"]
     for size in shown:
@@ -554,14 +592,17 @@ def targets(result: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
                         fraction.get((case, mode)),
                         FLOP_GOALS[modality],
                         "%",
+                        "bf16",
                     )
-            add(case, "ours 1.0 / peer 1.0, bf16", found.get((case, "ours 1.0 bf16 / peer 1.0 bf16")), V1_GOAL, "x")
+            v1 = found.get((case, "ours 1.0 bf16 / peer 1.0 bf16"))
+            add(case, "ours 1.0 / peer 1.0, bf16", v1, V1_GOAL, "x", "bf16")
             add(
                 case,
                 "ours 2.0 (mask 0.8) / peer 1.0, bf16",
                 found.get((case, "ours 2.0 bf16 / peer 1.0 bf16")),
                 V2_GOALS[modality],
                 "x",
+                "bf16",
             )
             for precision in ("bf16", "fp32"):
                 label = f"extract {precision} / transformers {precision}"
@@ -571,10 +612,12 @@ def targets(result: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
                     found.get((case, label)),
                     EXTRACT_GOALS[precision],
                     "x",
+                    precision,
                 )
-            v, p = DATA_MODE
+            v, p = DATA_VERSION, data_precision(run)
             label = f"real data {v}.0 {p} / synthetic {v}.0 {p}"
-            add(case, f"real-data / synthetic steps per second ({v}.0 {p})", found.get((case, label)), DATA_GOAL, "x")
+            target = f"real-data / synthetic steps per second ({v}.0 {p})"
+            add(case, target, found.get((case, label)), DATA_GOAL, "x", p)
     return rows
 
 
@@ -584,9 +627,9 @@ def mfu(result: dict[str, Any], row: dict[str, Any]) -> float | None:
     return row["flops_per_sec"] / nominal if nominal and row["precision"] == "bf16" else None
 
 
-def fmt(value: float | None, unit: str) -> str:
+def fmt(value: float | None, unit: str, why: str | None = None) -> str:
     if value is None:
-        return "not measured"
+        return f"not measured ({why})" if why else "not measured"
     return f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
 
 
@@ -595,12 +638,16 @@ def targets_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         met = "not measured" if r["met"] is None else "met" if r["met"] else "**not met**"
         goal = f">= {fmt(r['goal'], r['unit'])}"
-        lines.append(f"| {r['target']} | {r['case']} | {fmt(r['value'], r['unit'])} | {goal} | {met} |")
+        value = fmt(r["value"], r["unit"], r.get("not_measured"))
+        lines.append(f"| {r['target']} | {r['case']} | {value} | {goal} | {met} |")
     return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"Machine: {result['machine']}; {result['threads']} threads; torch {result['torch']}", ""]
+    lines = [header(result)]
+    if result.get("command"):
+        lines += ["", f"Command: `{result['command']}`"]
+    lines += [""]
     lines += ["| measured matmul peak | TFLOP/s |", "|---|---|"]
     lines += [f"| {k} | {v / 1e12:.2f} |" for k, v in result["peak"].items()]
     nominal = result.get("nominal_bf16_peak")
@@ -648,6 +695,31 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def header(result: dict[str, Any]) -> str:
+    """The report's first line: the machine, threads, torch and the precisions timed."""
+    shown = ",".join(result.get("precisions", PRECISIONS))
+    return f"Machine: {result['machine']}; {result['threads']} threads; torch {result['torch']}; precisions {shown}"
+
+
+def ordered(precisions: Sequence[str]) -> list[str]:
+    """`precisions` in the order the report lists them (fp32, then bf16)."""
+    return [p for p in PRECISIONS if p in precisions]
+
+
+def data_precision(precisions: Sequence[str]) -> str:
+    """The precision the data rows time our 2.0 step in: the first of `--precisions`."""
+    return precisions[0]
+
+
+def parse_precisions(text: str) -> list[str]:
+    """`--precisions`' comma list, in its order, once each; ValueError on an unknown or empty list."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown or not names:
+        raise ValueError(f"--precisions {text!r}: expected a comma list of {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(names))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -658,6 +730,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated case sizes: small (as --quick), base (224/16, 10 s, 512), tiny (width 32, a smoke test)",
     )
     ap.add_argument("--modalities", default="image,audio,text", help="comma-separated modalities to time")
+    ap.add_argument(
+        "--precisions",
+        default="bf16,fp32",
+        help="comma-separated precisions timed for ours and the peer: bf16 (autocast), fp32; the data rows "
+        "use the first. On a CPU without bf16 hardware (no AMX / AVX512-BF16, see `data2vec doctor`) use fp32",
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (median)")
@@ -693,6 +771,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--sizes {args.sizes!r} / --modalities {args.modalities!r}: unknown name")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
+    try:
+        args.precision_names = parse_precisions(args.precisions)
+    except ValueError as e:
+        ap.error(str(e))
     args.cases = [c for size in sizes for c in CASES[args.device][size] if c[0] in modalities]
     if args.data_steps < 1:
         ap.error("--data-steps must be >= 1")
@@ -716,12 +798,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps = args.steps or (3 if args.quick else 5)
+    precisions = args.precision_names
+    command = shlex.join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
     result: dict[str, Any] = {
         "machine": machine(device),
         "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,
-        "peak": {dt: matmul_peak(getattr(torch, name), device, args.peak_n) for dt, name in PEAK_DTYPES.items()},
+        "command": command,
+        "precisions": precisions,
+        "data_precision": None if args.no_data else data_precision(precisions),
+    }
+    print(header(result), flush=True)
+    print(f"Command: {command}", flush=True)
+    result |= {
+        "peak": {dt: matmul_peak(getattr(torch, PEAK_DTYPES[dt]), device, args.peak_n) for dt in ordered(precisions)},
         "nominal_bf16_peak": args.peak_tflops * 1e12 if device.type == "cuda" else None,
         "pretrain": [],
         "extract": [],
@@ -730,12 +821,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     for modality, size, batch, length in args.cases:
         print(f"pretrain {modality} {size} ...", flush=True)
-        result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, not args.no_compile, device)
+        compile_too = not args.no_compile
+        result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, compile_too, device, precisions)
         print(f"extract {modality} {size} ...", flush=True)
-        result["extract"] += extract_rows(modality, size, batch, length, steps, not args.no_compile, device)
+        result["extract"] += extract_rows(modality, size, batch, length, steps, compile_too, device, precisions)
         if not args.no_data:
             print(f"data {modality} {size} ...", flush=True)
-            result["data"] += data_rows(modality, size, batch, length, args.data_steps, args.data_dir, device)
+            dp = data_precision(precisions)
+            result["data"] += data_rows(modality, size, batch, length, args.data_steps, args.data_dir, device, dp)
     for r in result["pretrain"]:  # against the matmul peak of the row's own dtype
         r["peak_fraction"] = r["flops_per_sec"] / result["peak"][r["precision"]]
     result["ratios"] = ratios(result["pretrain"], result["extract"], result["data"])

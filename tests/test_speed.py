@@ -60,3 +60,42 @@ def test_real_data_rows_time_the_loader_against_synthetic_copies(monkeypatch: py
     assert row["batch_shapes"] == ["[8, 1, 32, 32]"] and row["steps"] == 2
     assert row["real_steps_per_sec"] > 0 and row["synthetic_steps_per_sec"] > 0
     assert row["ratio"] == pytest.approx(row["real_steps_per_sec"] / row["synthetic_steps_per_sec"])
+
+
+def test_precisions_fp32_times_only_fp32_and_the_bf16_targets_read_not_measured(tmp_path: Path) -> None:
+    speed.main([*FAST, "--no-data", "--precisions", "fp32", "--out", str(tmp_path / "speed")])
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["precisions"] == ["fp32"] and set(result["peak"]) == {"fp32"}
+    assert "--precisions fp32" in result["command"]
+    assert result["pretrain"] and {r["precision"] for r in result["pretrain"]} == {"fp32"}
+    assert {r["who"] for r in result["pretrain"]} == {"ours", "peer"}
+    assert result["extract"] and {r["precision"] for r in result["extract"]} == {"fp32"}
+    measures = {r["measure"] for r in result["ratios"]}
+    assert measures and all("bf16" not in m for m in measures)
+    assert measures == {f"ours {v}.0 fp32 / peer 1.0 fp32" for v in (1, 2)} | {"extract fp32 / transformers fp32"}
+    rows = {(r["case"], r["target"]): r for r in result["targets"]}
+    for target in (
+        "ours 1.0 / peer 1.0, bf16",
+        "ours 2.0 (mask 0.8) / peer 1.0, bf16",
+        "extraction / transformers, bf16",
+    ):
+        r = rows[("image tiny", target)]
+        assert r["value"] is None and r["met"] is None and r["not_measured"] == "bf16 not run"
+    assert rows[("image base", "ours 1.0 bf16 train step FLOP/s / bf16 peak")]["not_measured"] == "bf16 not run"
+    fp32 = rows[("image tiny", "extraction / transformers, fp32")]
+    assert fp32["value"] is not None and fp32["met"] in (True, False) and "not_measured" not in fp32
+    # The data target is labelled with the precision the data rows would run in: the first listed.
+    assert ("image tiny", "real-data / synthetic steps per second (2.0 fp32)") in rows
+    text = (tmp_path / "speed.md").read_text()
+    assert text.startswith("Machine: ") and "precisions fp32" in text.splitlines()[0]
+    assert "| ours 1.0 / peer 1.0, bf16 | image tiny | not measured (bf16 not run) | >= 1.50x | not measured |" in text
+    assert "| bf16 |" not in text
+
+
+@pytest.mark.parametrize("value", ["fp16", "", "fp32,bf8"])
+def test_an_unknown_precision_is_one_argparse_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        speed.parse_args(["--precisions", value, "--no-data"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --precisions" in err and "expected a comma list of fp32, bf16" in err
