@@ -159,11 +159,11 @@ def model_features(model: Data2Vec, cfg: RunConfig, data: LabelledSet) -> np.nda
     return feats[max(feats)]
 
 
-def init_features(cfg: RunConfig, data: LabelledSet) -> np.ndarray:
-    """The same features from the architecture at its seeded random initialisation: the level a
+def init_model(cfg: RunConfig) -> Data2Vec:
+    """The architecture at its seeded random initialisation: its features are the level a
     pretrained encoder has to beat to have learned anything a linear probe can use."""
     torch.manual_seed(cfg.train.seed)
-    return model_features(Data2Vec.from_config(cfg), cfg, data)
+    return Data2Vec.from_config(cfg)
 
 
 # ---------------------------------------------------------------------- peers

@@ -42,7 +42,7 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from ssl_arms import init_features, ours_config, ours_features, precision, run_ours
+from ssl_arms import init_model, model_features, ours_config, ours_features, precision, run_ours
 
 from data2vec.probe import linear_probe
 
@@ -97,7 +97,8 @@ def init_probe(mod: ModuleType, out: Path, work: Path, args: argparse.Namespace)
         result = json.loads(path.read_text())
         overrides = [*mod.ours_overrides(work), f"train.seed={args.seed}", *args.overrides]
         cfg = ours_config(mod.PRESET, int(arm[-1]), overrides)
-        x_train, x_test = init_features(cfg, train_set), init_features(cfg, full)
+        model = init_model(cfg)  # one model for both sets
+        x_train, x_test = model_features(model, cfg, train_set), model_features(model, cfg, full)
         result["init_probe"] = linear_probe(x_train, np.asarray(train_set.targets), x_test, np.asarray(full.targets))
         print(f"{arm} at random init: probe {result['init_probe']:.4f} on {len(full)}", flush=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
