@@ -170,3 +170,41 @@ def test_parquet_data_under_torchrun(tmp_path: Path) -> None:
     log = (tmp_path / "ddp" / "train.log").read_text()
     assert "x 2 processes" in log and "48 samples" in log
     assert len(list_checkpoints(tmp_path / "ddp")) >= 1
+
+
+LEAVE_CLEAN = """
+import gc, sys
+from torch.nn.parallel import DistributedDataParallel
+from data2vec.config import apply_overrides
+from data2vec.distributed import finish
+from data2vec.presets import preset
+from data2vec.training import train
+
+cfg = apply_overrides(preset("digits-tiny", 2), sys.argv[2:])
+train(cfg, sys.argv[1], progress=False, quiet=True)
+finish()
+alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+print("DDP models alive after finish:", alive)
+"""
+
+
+def test_finish_frees_the_ddp_models(tmp_path: Path) -> None:
+    """After `finish()` no DDP-wrapped model (and so no reference to the gloo group) is left
+    for interpreter shutdown to free: one that was made ranks abort at exit now and then."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_CLEAN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(script),
+        str(tmp_path / "run"),
+        *TINY,
+    ]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("DDP models alive after finish: 0") == 2, res.stdout

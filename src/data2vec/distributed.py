@@ -25,6 +25,7 @@ Every process runs the same `train()`. The hooks here keep the single-process lo
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,8 +244,12 @@ def check_fsdp(cfg: RunConfig, d: Dist, has_init: bool = False) -> None:
 def finish() -> None:
     """End the process group, if any (the CLI, after training). Every rank first waits for the
     others: a gloo rank that tears its group down while a peer is still in a collective (rank 0
-    writing the last checkpoint) can abort at exit."""
+    writing the last checkpoint) can abort at exit. Models wrapped in DDP hold the group too;
+    when a reference cycle keeps one alive, the group would be freed during interpreter
+    shutdown, with gloo's threads still holding tensors, and the rank aborts ("terminate called
+    without an active exception"). Collecting first frees them while Python is whole."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
