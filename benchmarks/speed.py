@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from data2vec.config import RunConfig, apply_overrides
@@ -215,12 +216,15 @@ def our_step_on(model: Data2Vec, precision: str, device: torch.device) -> Callab
     opt = build_optimizer(model, model_cfg_optim())
 
     def step(batch: Batch) -> None:
-        with amp(precision, device):
+        with record_function("forward"), amp(precision, device):
             out = model(batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_teacher(0.999)
+        with record_function("backward"):
+            out.loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with record_function("ema"):
+            model.update_teacher(0.999)
 
     return step
 
@@ -268,7 +272,7 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
         return module(input_ids=ids, output_hidden_states=True)
 
     def step() -> None:
-        with amp(precision, device):
+        with record_function("forward"), amp(precision, device):
             with torch.no_grad():
                 hs = run(teacher, False).hidden_states[-top_k:]
                 layers = [F.instance_norm(h[:, prefix:].float().transpose(1, 2)).transpose(1, 2) for h in hs]
@@ -278,10 +282,12 @@ def peer_step(hf: torch.nn.Module, model: Data2Vec, batch: Batch, precision: str
             target = y[mask]
             is_image = modality == "image"
             loss = F.smooth_l1_loss(pred, target, beta=2.0) if is_image else F.mse_loss(pred, target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with record_function("ema"), torch.no_grad():
             t = list(teacher.parameters())
             torch._foreach_lerp_(t, [p.detach() for p in student.parameters()], 0.001)
 
@@ -527,6 +533,99 @@ def data_rows(
 # ---------------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------------- profiles
+
+PHASES = ("forward", "backward", "optimizer", "ema")
+"""The parts of a train step, each under a `record_function` of that name in both steps."""
+OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
+    ("attention", ("attention", "aten::_softmax", "aten::_softmax_backward_data", "aten::isneginf")),
+    ("convolution", ("convolution",)),
+    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+    ("norms", ("layer_norm", "group_norm", "instance_norm", "batch_norm")),
+    ("gelu", ("gelu",)),
+    ("optimizer and EMA kernels", ("aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
+)
+"""Self-time buckets of a profiled step, by aten op name (first match wins); the rest is 'other'
+(elementwise arithmetic, indexing, reductions, the Python between ops)."""
+
+
+def op_kind(name: str) -> str:
+    for kind, parts in OP_KINDS:
+        if any(p in name for p in parts):
+            return kind
+    return "other"
+
+
+def profile_step(step: Callable[[], None], device: torch.device = CPU) -> dict[str, Any]:
+    """One train step under torch.profiler after two warm-up steps: milliseconds per phase
+    (`PHASES`, wall time of each `record_function`) and per op kind (self time of the aten ops,
+    `op_kind`), with the step's total. CPU time on a CPU; on CUDA the kernels' device time."""
+    step()
+    step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    total = time.perf_counter() - t0
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+    phases = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in PHASES}
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith("aten::"):
+            us = e.self_device_time_total if on_device else e.self_cpu_time_total
+            kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + us / 1e3
+    return {"total_ms": 1e3 * total, "phases_ms": phases, "kinds_ms": kinds}
+
+
+def profile_rows(
+    modality: str, size: str, batch: int, length: int, precision: str, device: torch.device = CPU
+) -> list[dict[str, Any]]:
+    """The profile of our 1.0 and 2.0 eager steps and the peer's 1.0 step in `precision`, on the
+    same batch and masks as the timed rows (`--profile`)."""
+    rows = []
+    for version in (1, 2):
+        cfg = case_config(modality, size, version, True)
+        torch.manual_seed(0)
+        model = Data2Vec.from_config(cfg).train()
+        b = on(our_batch(model, make_input(cfg, batch, length), torch.Generator().manual_seed(0)), device)
+        model.to(device)
+        steps = [("ours", our_step(model, b, precision))]
+        with tempfile.TemporaryDirectory() as d:
+            if version == 1:
+                torch.manual_seed(0)
+                fresh = Data2Vec.from_config(cfg)
+                steps.append(("peer", peer_step(hf_model(fresh, Path(d)), fresh, b, precision, cfg.targets.top_k)))
+            for who, step in steps:
+                p = profile_step(step, device)
+                rows.append(
+                    {"case": f"{modality} {size}", "who": who, "mode": f"{version}.0", "precision": precision, **p}
+                )
+                print(f"  profile {who} {version}.0 {precision}: {p['total_ms']:.0f} ms", flush=True)
+    return rows
+
+
+def profile_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Two tables: where each profiled step's time goes by phase, and by op kind (share of the
+    summed op self time)."""
+    kinds = [k for k, _ in OP_KINDS] + ["other"]
+    lines = ["", "| profile: phase, ms (share) | " + " | ".join(PHASES) + " | step |"]
+    lines += ["|---|" + "---|" * (len(PHASES) + 1)]
+    for r in rows:
+        t = r["total_ms"]
+        cells = [f"{r['phases_ms'].get(p, 0.0):.0f} ({r['phases_ms'].get(p, 0.0) / t:.0%})" for p in PHASES]
+        lines.append(f"| {r['case']} {r['who']} {r['mode']} {r['precision']} | " + " | ".join(cells) + f" | {t:.0f} |")
+    lines += ["", "| profile: op self time, share | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for r in rows:
+        s = sum(r["kinds_ms"].values()) or 1.0
+        cells = [f"{r['kinds_ms'].get(k, 0.0) / s:.0%}" for k in kinds]
+        lines.append(f"| {r['case']} {r['who']} {r['mode']} {r['precision']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def ratios(pre: list[dict[str, Any]], ext: list[dict[str, Any]], dat: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every ratio at equal precision: our 1.0 and 2.0 steps over the peer's 1.0 step, our
     extraction over transformers', and real-data over synthetic steps."""
@@ -691,6 +790,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Data pipeline rows: not measured ({result['data_skipped']})."]
     lines += ["", "| case | measure (equal precision) | ratio |", "|---|---|---|"]
     lines += [f"| {r['case']} | {r['measure']} | {r['ratio']:.2f}x |" for r in result["ratios"]]
+    if result.get("profile"):
+        lines += profile_markdown(result["profile"])
     lines += ["", "Targets:", "", targets_markdown(result["targets"])]
     return "\n".join(lines)
 
@@ -762,6 +863,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="folder holding cifar10/, fsdd/ and sst2/ (default: $DATA2VEC_SHARED_DATA, else ../shared/data)",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step of ours 1.0, 2.0 and the peer per case, in the first of --precisions: "
+        "time per phase (forward, backward, optimizer, EMA) and per op kind",
+    )
+    ap.add_argument(
+        "--profile-only",
+        action="store_true",
+        help="only the profiles (as --profile), no timed rows: for the cases of a run already made",
+    )
     ap.add_argument("--out", default="benchmarks/results/speed")
     args = ap.parse_args(argv)
     sizes = ["small"] if args.quick else [s for s in args.sizes.split(",") if s]
@@ -818,13 +930,22 @@ def main(argv: list[str] | None = None) -> None:
         "extract": [],
         "data": [],
         "data_skipped": "--no-data" if args.no_data else None,
+        "profile": [],
     }
+    if args.profile_only:
+        for modality, size, batch, length in args.cases:
+            result["profile"] += profile_rows(modality, size, batch, length, precisions[0], device)
+        write(result, ["", f"Command: `{command}`", *profile_markdown(result["profile"])], Path(args.out))
+        return
     for modality, size, batch, length in args.cases:
         print(f"pretrain {modality} {size} ...", flush=True)
         compile_too = not args.no_compile
         result["pretrain"] += pretrain_rows(modality, size, batch, length, steps, compile_too, device, precisions)
         print(f"extract {modality} {size} ...", flush=True)
         result["extract"] += extract_rows(modality, size, batch, length, steps, compile_too, device, precisions)
+        if args.profile:
+            print(f"profile {modality} {size} ...", flush=True)
+            result["profile"] += profile_rows(modality, size, batch, length, precisions[0], device)
         if not args.no_data:
             print(f"data {modality} {size} ...", flush=True)
             dp = data_precision(precisions)
@@ -833,9 +954,13 @@ def main(argv: list[str] | None = None) -> None:
         r["peak_fraction"] = r["flops_per_sec"] / result["peak"][r["precision"]]
     result["ratios"] = ratios(result["pretrain"], result["extract"], result["data"])
     result["targets"] = targets(result, args.size_names)
-    text = markdown(result)
+    write(result, markdown(result).splitlines()[1:], Path(args.out))
+
+
+def write(result: dict[str, Any], lines: list[str], out: Path) -> None:
+    """Print the report (the header line, then `lines`) and write it to OUT.md, the result to OUT.json."""
+    text = "\n".join([header(result), *lines])
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

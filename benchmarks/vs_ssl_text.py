@@ -33,7 +33,9 @@ the majority class is 50.9% of dev and 50.1% of dev + test.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,9 @@ from ssl_arms import autocast, calibrated_run, decay_groups, linear_lr, ours_con
 from data2vec.data.labelled import read_labelled
 from data2vec.data.sampling import ResumableBatchSampler
 from data2vec.data.text import PackedBlocks, TextPipeline, wrap_document
-from data2vec.finetune import LabelledSet
+from data2vec.finetune import FinetuneConfig, LabelledSet, finetune_preset
+from data2vec.interop import InteropError
+from data2vec.interop.conversion import convert
 from data2vec.tokenizer import TextTokenizer
 
 PRESET = "text-tiny"
@@ -234,3 +238,44 @@ def probe_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet, Labe
     sub = dev.subset(np.sort(np.random.default_rng(0).permutation(n_dev)[:curve]))
     sub.name = f"SST-2 dev ({curve})"
     return train_set, full, sub
+
+
+# ---------------------------------------------------------------------- fine-tuning
+
+
+def finetune_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet]:
+    """benchmarks/sst2.py's fine-tuning sets: the first `--labels` (2,000) labelled training
+    sentences; scored on dev + test (2,693 sentences, or `--test-limit` of them), the probe's
+    final set, tokenised by the arms' shared tokenizer."""
+    train, full, _ = probe_sets(argparse.Namespace(**{**vars(args), "curve_test": 1}))
+    return train, full
+
+
+def finetune_config(epochs: int) -> FinetuneConfig:
+    """benchmarks/sst2.py's recipe, the same for every arm: the text_cls preset (first-token tanh
+    head), lr 1e-4, batch 32, bf16."""
+    return finetune_preset("text_cls", epochs=epochs, lr=1e-4, batch_size=32, log_every=10, precision="bf16")
+
+
+def roberta_to_ours(config: dict[str, Any], encoder: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """A RoBERTa encoder (its config dict and `RobertaModel` state dict) as our pretrained-model
+    folder. transformers' data2vec-text model is RoBERTa's architecture with the same weight
+    names, so the encoder goes through this library's transformers importer (`convert`) as a
+    `data2vec-text` checkpoint; tests/test_vs_ssl_convert.py checks the result token for token
+    against `RobertaModel`."""
+    from safetensors.torch import save_file
+
+    if config.get("model_type") != "roberta":
+        raise InteropError(f"roberta_to_ours: model_type {config.get('model_type')!r}, expected 'roberta'")
+    hf = {**config, "model_type": "data2vec-text", "architectures": ["Data2VecTextModel"]}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(hf))
+        save_file({k: v.contiguous() for k, v in encoder.items()}, str(Path(d) / "model.safetensors"))
+        folder, _ = convert(d, out_dir)
+    return folder
+
+
+def peer_to_ours(path: str, out_dir: Path) -> Path:
+    """The peer snapshot at `path` (run_peer's) as our pretrained-model folder (vs_ssl_finetune.py)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return roberta_to_ours(saved["config"], saved["encoder"], out_dir)

@@ -17,7 +17,7 @@ FAST = ["--sizes", "tiny", "--modalities", "image", "--no-compile", "--steps", "
 
 
 def test_every_ratio_compares_equal_precision_and_the_targets_table_ends_the_report(tmp_path: Path) -> None:
-    speed.main([*FAST, "--no-data", "--out", str(tmp_path / "speed")])
+    speed.main([*FAST, "--no-data", "--profile", "--out", str(tmp_path / "speed")])
     result = json.loads((tmp_path / "speed.json").read_text())
     assert set(result["peak"]) == {"fp32", "bf16"} and all(v > 0 for v in result["peak"].values())
     # The peer runs in both precisions, and each row is set against its own dtype's peak.
@@ -46,6 +46,38 @@ def test_every_ratio_compares_equal_precision_and_the_targets_table_ends_the_rep
     last = text.rstrip().split("Targets:")[-1]
     assert "| target | case | measured | goal | met |" in last and "| image base | not measured |" in last
     assert "Data pipeline rows: not measured (--no-data)" in text
+    # --profile: one profiled step each of ours 1.0, the peer and ours 2.0, before the targets.
+    assert [(r["who"], r["mode"]) for r in result["profile"]] == [("ours", "1.0"), ("peer", "1.0"), ("ours", "2.0")]
+    assert text.index("| profile: phase, ms (share) |") < text.index("Targets:")
+
+
+def test_profile_splits_each_step_by_phase_and_op_kind(tmp_path: Path) -> None:
+    speed.main([*FAST, "--precisions", "fp32", "--profile-only", "--no-data", "--out", str(tmp_path / "p")])
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert not result["pretrain"] and len(result["profile"]) == 3
+    for r in result["profile"]:
+        assert r["precision"] == "fp32" and set(r["phases_ms"]) == set(speed.PHASES)
+        assert all(v > 0 for v in r["phases_ms"].values())
+        assert sum(r["phases_ms"].values()) <= r["total_ms"] * 1.01
+        assert r["kinds_ms"]["matmul"] > 0 and r["kinds_ms"]["optimizer and EMA kernels"] > 0
+    text = (tmp_path / "p.md").read_text()
+    assert "| profile: op self time, share |" in text and "| image tiny peer 1.0 fp32 |" in text
+
+
+@pytest.mark.parametrize(
+    ("op", "kind"),
+    [
+        ("aten::addmm", "matmul"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("aten::convolution_backward", "convolution"),
+        ("aten::copy_", "casts and copies"),
+        ("aten::native_layer_norm_backward", "norms"),
+        ("aten::_foreach_lerp_", "optimizer and EMA kernels"),
+        ("aten::add", "other"),
+    ],
+)
+def test_op_kinds(op: str, kind: str) -> None:
+    assert speed.op_kind(op) == kind
 
 
 DATA = speed.default_data_dir()

@@ -115,3 +115,50 @@ def test_published_init_gives_mae_its_position_tables() -> None:
     assert torch.equal(model.decoder.decoder_pos_embed[0], torch.cat([zero_row, sincos_2d(32, (4, 4))]))
     assert bool(model.vit.embeddings.cls_token.detach().any()) and bool(model.decoder.mask_token.detach().any())
     assert not model.vit.embeddings.position_embeddings.requires_grad
+
+
+def _random_roberta(seed: int = 0) -> torch.nn.Module:
+    """A small RobertaModel, every weight random (norms and biases too)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    rcfg = RobertaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = RobertaModel(rcfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "LayerNorm" in name else 0.0))
+    return model
+
+
+def test_converted_roberta_matches_transformers(tmp_path: Path) -> None:
+    """vs_ssl_text.peer_to_ours: RoBERTa's encoder as our text model, token for token, padding included."""
+    import vs_ssl_text
+
+    roberta = _random_roberta()
+    snap = tmp_path / "peer.pt"
+    torch.save({"config": roberta.config.to_dict(), "encoder": roberta.state_dict()}, snap)
+    folder = vs_ssl_text.peer_to_ours(str(snap), tmp_path / "ours")
+    model = build_model(load_pretrained(folder)).eval()
+    ids = torch.randint(3, 60, (3, 12))
+    ids[:, 0] = 0
+    ids[2, 8:] = 1  # the last sentence is padded
+    valid = ids.ne(1)
+    with torch.no_grad():
+        ref = roberta(input_ids=ids, attention_mask=valid).last_hidden_state
+        ours = model.encode(ids, padding_mask=~valid).x
+    assert ours.shape == ref.shape == (3, 12, 32)
+    assert torch.allclose(ours[valid], ref[valid], atol=1e-5, rtol=0), float((ours - ref)[valid].abs().max())
+    with pytest.raises(InteropError, match="expected 'roberta'"):
+        vs_ssl_text.roberta_to_ours({"model_type": "bert"}, roberta.state_dict(), tmp_path / "bad")
