@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import tempfile
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,11 @@ from data2vec.config import RunConfig
 from data2vec.data.audio import load_audio, normalize_waveform
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.pipeline import build_pretrain_loader
-from data2vec.finetune import LabelledSet
+from data2vec.finetune import FinetuneConfig, LabelledSet, finetune_preset
+from data2vec.interop import InteropError, save_pretrained
+from data2vec.interop.hf import load_hf
+from data2vec.model import Data2Vec
+from data2vec.pretrained import load_student_weights
 
 PRESET = "audio-tiny"
 PEER = "wav2vec2"
@@ -235,3 +242,66 @@ def probe_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet, Labe
     full = _subset(_fsdd(False), args.test_limit, "fsdd george+lucas")
     n_sub = min(args.curve_test, len(full))
     return train_set, full, _subset(full, n_sub, f"fsdd george+lucas ({n_sub})")
+
+
+# ---------------------------------------------------------------------- fine-tuning
+
+
+def finetune_sets(args: argparse.Namespace) -> tuple[LabelledSet, LabelledSet]:
+    """benchmarks/speech.py's fine-tuning sets: FSDD's four training speakers (or `--labels` of
+    their clips), scored on all of george's and lucas's clips (or `--test-limit` of them)."""
+    train, full, _ = probe_sets(argparse.Namespace(**{**vars(args), "curve_test": 1}))
+    return train, full
+
+
+def finetune_config(epochs: int) -> FinetuneConfig:
+    """benchmarks/speech.py's recipe with its default lr, the same for every arm: the audio_cls
+    preset (mean-pooled head, CNN frozen), lr 2e-4, batch 32, bf16."""
+    return finetune_preset("audio_cls", epochs=epochs, lr=2e-4, batch_size=32, log_every=10, precision="bf16")
+
+
+def w2v_to_ours(model: Any, out_dir: Path) -> Path:
+    """A `Wav2Vec2Model` (post-norm, layer-norm CNN) as our pretrained-model folder.
+
+    transformers' data2vec-audio model is wav2vec 2.0's architecture with the same weight names
+    except the positional convolution: data2vec stacks convolutions each followed by a LayerNorm,
+    wav2vec 2.0 has one weight-normalised convolution (kernel 128). So the encoder goes through
+    this library's transformers importer as a data2vec-audio checkpoint with one positional layer
+    of wav2vec 2.0's kernel, the weight norm folded into the plain weight it computes, and the
+    result is built with `audio.pos_conv_norm=false` (no LayerNorm after that layer).
+    tests/test_vs_ssl_convert.py checks it frame for frame against `Wav2Vec2Model`."""
+    from safetensors.torch import save_file
+
+    wcfg = model.config
+    if wcfg.do_stable_layer_norm or wcfg.feat_extract_norm != "layer":
+        raise InteropError("w2v_to_ours: only post-norm wav2vec 2.0 with a layer-norm CNN maps onto our model")
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.pos_conv_embed.")}
+    pos = model.encoder.pos_conv_embed.conv
+    sd["encoder.pos_conv_embed.layers.0.conv.weight"] = pos.weight.detach()  # g * v / |v|, computed
+    sd["encoder.pos_conv_embed.layers.0.conv.bias"] = pos.bias.detach()
+    hf = {
+        **wcfg.to_dict(),
+        "model_type": "data2vec-audio",
+        "architectures": ["Data2VecAudioModel"],
+        "num_conv_pos_embeddings": 1,  # data2vec's layer count; wav2vec 2.0's kernel goes to conv_pos_kernel_size
+        "conv_pos_kernel_size": wcfg.num_conv_pos_embeddings,
+    }
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(hf))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(d) / "model.safetensors"))
+        imp = load_hf(d)
+    m = imp.config.model
+    cfg = replace(imp.config, model=replace(m, audio=replace(m.audio, pos_conv_norm=False)))
+    torch.manual_seed(0)
+    ours = Data2Vec.from_config(cfg)
+    load_student_weights(ours, imp.state_dict, "a wav2vec 2.0 encoder", what="wav2vec 2.0 conversion")
+    return save_pretrained(ours.eval(), out_dir, config=cfg)
+
+
+def peer_to_ours(path: str, out_dir: Path) -> Path:
+    """The peer snapshot at `path` (run_peer's) as our pretrained-model folder (vs_ssl_finetune.py)."""
+    from transformers import Wav2Vec2Model
+
+    model = Wav2Vec2Model(w2v_config(ours_config(PRESET, 2, []))).eval()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return w2v_to_ours(model, out_dir)

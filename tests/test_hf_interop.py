@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 T = pytest.importorskip("transformers")
 
 from data2vec.cli import main  # noqa: E402
+from data2vec.config import apply_overrides  # noqa: E402
 from data2vec.interop import InteropError, save_pretrained  # noqa: E402
 from data2vec.interop.hf import HFOutput, forward_like_hf, load_hf, save_hf  # noqa: E402
 from data2vec.model import Data2Vec  # noqa: E402
@@ -422,6 +423,15 @@ def test_data2vec_2_export_is_refused(tmp_path: Path) -> None:
         save_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+
+
+def test_a_positional_conv_without_norm_is_not_exported(tmp_path: Path) -> None:
+    """`audio.pos_conv_norm=false` (wav2vec 2.0's positional conv) has no data2vec-audio form in
+    transformers: refused with the key named, nothing written."""
+    cfg = apply_overrides(preset("audio-tiny", 1), ["model.audio.pos_conv_norm=false"])
+    with pytest.raises(InteropError, match="audio.pos_conv_norm must be true"):
+        save_hf(Data2Vec.from_config(cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_hub_download_failure_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -162,3 +162,63 @@ def test_converted_roberta_matches_transformers(tmp_path: Path) -> None:
     assert torch.allclose(ours[valid], ref[valid], atol=1e-5, rtol=0), float((ours - ref)[valid].abs().max())
     with pytest.raises(InteropError, match="expected 'roberta'"):
         vs_ssl_text.roberta_to_ours({"model_type": "bert"}, roberta.state_dict(), tmp_path / "bad")
+
+
+def _random_w2v(seed: int = 0) -> torch.nn.Module:
+    """A small post-norm Wav2Vec2Model with a layer-norm CNN, every weight random."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    wcfg = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=False,
+        conv_dim=[16, 16],
+        conv_kernel=[10, 3],
+        conv_stride=[5, 2],
+        conv_bias=False,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        hidden_dropout=0.0,
+        activation_dropout=0.0,
+        attention_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    model = Wav2Vec2Model(wcfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if p.ndim > 1 else 0.5
+            p.copy_(torch.randn_like(p) * scale + (1.0 if "layer_norm" in name and "weight" in name else 0.0))
+    return model
+
+
+def test_converted_wav2vec2_matches_transformers(tmp_path: Path) -> None:
+    """vs_ssl_audio.w2v_to_ours: wav2vec 2.0's encoder (weight-normed positional conv, no norm
+    after it) as our audio model, frame for frame, a padded clip included."""
+    import vs_ssl_audio
+
+    w2v = _random_w2v()
+    folder = vs_ssl_audio.w2v_to_ours(w2v, tmp_path / "ours")
+    pre = load_pretrained(folder)
+    assert pre.config.model.audio.pos_conv_norm is False and pre.config.model.audio.pos_conv_kernel == 16
+    model = build_model(pre).eval()
+    x = torch.randn(2, 1600)
+    with torch.no_grad():
+        ref = w2v(x).last_hidden_state
+        ours = model.encode(x).x
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), float((ours - ref).abs().max())
+    # the normalised form (data2vec's) differs: the flag is what makes the two agree
+    normed = load_pretrained(folder)
+    from dataclasses import replace
+
+    m = normed.config.model
+    normed.config = replace(normed.config, model=replace(m, audio=replace(m.audio, pos_conv_norm=True)))
+    with torch.no_grad():
+        other = build_model(normed).eval().encode(x).x
+    assert float((other - ref).abs().max()) > 1e-2

@@ -158,6 +158,9 @@ class AudioConfig:
     pos_conv_zero_padding: Literal["each_layer", "input"] = "each_layer"
     """Zero padded frames before every positional conv layer (a padded batch then gives valid frames exactly
     what each utterance gets alone) or only at the stack's input (fairseq, transformers)."""
+    pos_conv_norm: bool = True
+    """A LayerNorm (no affine) after each positional conv layer, before its GELU (data2vec); false for
+    wav2vec 2.0's single positional conv (conv -> GELU), e.g. a wav2vec 2.0 encoder converted to this model."""
     alibi: bool = False
     """ALiBi attention bias with a learned per-head scale (data2vec 2.0 speech); needs
     model.encoder.position_bias 'shared' (the official setting) or 'per_layer'."""

@@ -124,16 +124,20 @@ class AudioLocal(LocalEncoder):
 
 class ConvPositions(nn.Module):
     """`depth` x [Conv1d(D, D, k, padding=k//2, groups) -> drop last step if k is even ->
-    LayerNorm (no affine) -> GELU]; returns the term added to the frames (B, T, D).
+    LayerNorm (no affine; left out with `norm=False`, wav2vec 2.0's form) -> GELU]; returns the
+    term added to the frames (B, T, D).
 
     Padded frames are zeroed before every layer (and in the output), so a padded batch
     gives valid frames exactly what each utterance would get alone. `zero_padding="input"`
     zeroes them only before the first layer, as fairseq and transformers do: with depth > 1
     the last valid frames of a padded row then see non-zero values from the padding."""
 
-    def __init__(self, dim: int, depth: int, kernel: int, groups: int, zero_padding: str = "each_layer") -> None:
+    def __init__(
+        self, dim: int, depth: int, kernel: int, groups: int, zero_padding: str = "each_layer", norm: bool = True
+    ) -> None:
         super().__init__()
         self.every_layer = zero_padding == "each_layer"
+        self.norm = norm
         self.convs = nn.ModuleList(
             nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth)
         )
@@ -149,7 +153,9 @@ class ConvPositions(nn.Module):
             h = conv(h)
             if self.trim:
                 h = h[..., : -self.trim]
-            h = F.gelu(F.layer_norm(h.transpose(1, 2), (self.dim,)).transpose(1, 2))
+            if self.norm:
+                h = F.layer_norm(h.transpose(1, 2), (self.dim,)).transpose(1, 2)
+            h = F.gelu(h)
         if keep is not None:
             h = h * keep
         return h.transpose(1, 2)
@@ -201,7 +207,12 @@ class AudioFrontend(Frontend):
         self.local = AudioLocal(acfg.conv_layers, acfg.conv_bias, dim, acfg.proj_norm_eps)
         positional = (
             ConvPositions(
-                dim, acfg.pos_conv_depth, acfg.pos_conv_kernel, acfg.pos_conv_groups, acfg.pos_conv_zero_padding
+                dim,
+                acfg.pos_conv_depth,
+                acfg.pos_conv_kernel,
+                acfg.pos_conv_groups,
+                acfg.pos_conv_zero_padding,
+                acfg.pos_conv_norm,
             )
             if acfg.pos_conv_depth > 0
             else None

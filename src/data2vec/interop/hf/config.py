@@ -234,6 +234,10 @@ def exportable(model: Data2Vec) -> list[str]:
             why.append("audio.alibi (transformers has no ALiBi for data2vec audio)")
         if m.audio.pos_conv_depth < 1:
             why.append("audio.pos_conv_depth must be >= 1")
+        if not m.audio.pos_conv_norm:
+            why.append(
+                "audio.pos_conv_norm must be true (transformers' data2vec audio normalises every positional conv)"
+            )
         if m.audio.proj_norm_eps != enc.norm_eps:
             why.append("audio.proj_norm_eps must equal encoder.norm_eps (transformers uses one layer_norm_eps)")
     elif m.text.layer_norm_eps != enc.norm_eps:
