@@ -30,8 +30,8 @@ import argparse
 import functools
 import json
 import tempfile
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
