@@ -1,0 +1,285 @@
+"""The speed levers of the equal-precision issue, each measured on its own at the base sizes:
+what it would buy, whether the numbers stay the same, and so whether it is kept.
+
+Each lever times the part of the step it changes (not the whole step), median of `--reps` after
+two warm-up calls, one thread; the speed-up is old / new time of that part, the agreement the
+relative difference of the outputs (or updated weights) between the two forms.
+
+- `adamw`: the optimizer step over the base image model's parameters, PyTorch's per-parameter
+  loop (what `torch.optim.AdamW` picks for CPU tensors) against `foreach=True` and `fused=True`.
+- `teacher-bf16-copy`: the teacher's forward under bf16 autocast from its fp32 weights (autocast
+  casts every weight on every call) against a bf16 copy of the weights refreshed once per step
+  after the EMA (the refresh counted in), still under autocast so norms and softmax stay fp32.
+- `extract-bf16-weights`: feature extraction under autocast against the model cast to bf16
+  under `torch.inference_mode` (norms, softmax and GELU then run in bf16 too).
+- `biased-attention`: attention with a learned bias that needs a gradient (the 1.0 image
+  student, BEiT's relative positions; SDPA can only take its math kernel there) against the same
+  attention written out (scores, softmax, weighted sum), forward + backward, bf16.
+- `cnn-bf16`: the speech CNN (the base preset's 7 layers over 10 s at 16 kHz), forward +
+  backward, fp32 against bf16 autocast: how much of the audio step bf16 can speed up at all.
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/levers.py --out benchmarks/results/levers
+    python benchmarks/levers.py --size tiny --reps 1   # a smoke run (tests/test_levers.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from speed import case_config, make_input
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data2vec.doctor import cpu_name
+from data2vec.modalities.audio import AudioLocal
+from data2vec.model import Data2Vec
+from data2vec.tiny import tiny_config
+
+BF16 = torch.bfloat16
+
+
+def timed(fn: Callable[[], Any], reps: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def model_for(modality: str, size: str, version: int = 1) -> Data2Vec:
+    cfg = tiny_config(modality, version) if size == "tiny" else case_config(modality, size, version, True)
+    torch.manual_seed(0)
+    return Data2Vec.from_config(cfg)
+
+
+def inputs(model: Data2Vec, size: str) -> torch.Tensor:
+    modality = model.cfg.modality
+    batch, length = {"image": (8, 0), "audio": (2, 160_000), "text": (4, 512)}[modality]
+    if size == "tiny":
+        batch, length = {"image": (4, 0), "audio": (2, 8_000), "text": (4, 30)}[modality]
+    return make_input(SimpleNamespace(model=model.cfg), batch, length)  # type: ignore[arg-type]
+
+
+def row(lever: str, case: str, old: str, new: str, t_old: float, t_new: float, agree: float) -> dict[str, Any]:
+    r = {"lever": lever, "case": case, "old": old, "new": new, "old_ms": 1e3 * t_old, "new_ms": 1e3 * t_new}
+    r |= {"speedup": t_old / t_new, "rel_diff": agree}
+    print(f"  {lever} {case}: {old} {1e3 * t_old:.1f} ms, {new} {1e3 * t_new:.1f} ms ({t_old / t_new:.2f}x)")
+    return r
+
+
+def adamw(size: str, reps: int) -> list[dict[str, Any]]:
+    """One AdamW step over the student's parameters with random gradients, three implementations."""
+    base = model_for("image", size)
+    params = [p for p in base.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+    results = {}
+    times = {}
+    for name, kw in [("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})]:
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        for p, gr in zip(ps, grads, strict=True):
+            p.grad = gr.clone()
+        opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.05, **kw)
+        times[name] = timed(opt.step, reps)
+        ref = [p.detach().clone().requires_grad_() for p in params]
+        for p, gr in zip(ref, grads, strict=True):
+            p.grad = gr.clone()
+        once = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.05, **kw)
+        once.step()
+        results[name] = torch.cat([p.detach().flatten() for p in ref])
+    case = f"image {size} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters)"
+    return [
+        row("adamw", case, "loop", new, times["loop"], times[new], rel(results[new], results["loop"]))
+        for new in ("foreach", "fused")
+    ]
+
+
+def teacher_copy(size: str, reps: int) -> list[dict[str, Any]]:
+    out = []
+    for modality in ("image", "text"):
+        model = model_for(modality, size).eval()
+        x = inputs(model, size)
+        half = copy.deepcopy(model).to(BF16)
+        pairs = [(h, p) for h, p in zip(half.parameters(), model.parameters(), strict=True)]
+
+        def autocast_fp32(m: Data2Vec = model, x: torch.Tensor = x) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+                return m.encode(x).x
+
+        def refreshed_copy(m: Data2Vec = half, x: torch.Tensor = x, pairs: list[Any] = pairs) -> torch.Tensor:
+            with torch.no_grad():
+                torch._foreach_copy_([h for h, _ in pairs], [p for _, p in pairs])
+                with torch.autocast("cpu", dtype=BF16):
+                    return m.encode(x).x
+
+        agree = rel(refreshed_copy(), autocast_fp32())
+        out.append(
+            row(
+                "teacher-bf16-copy",
+                f"{modality} {size}",
+                "fp32 weights, autocast",
+                "bf16 copy per step, autocast",
+                timed(autocast_fp32, reps),
+                timed(refreshed_copy, reps),
+                agree,
+            )
+        )
+    return out
+
+
+def extract_bf16(size: str, reps: int) -> list[dict[str, Any]]:
+    out = []
+    for modality in ("image", "text", "audio"):
+        model = model_for(modality, size).eval()
+        x = inputs(model, size)
+        half = copy.deepcopy(model).to(BF16)
+        xh = x if modality == "text" else x.to(BF16)
+        with torch.inference_mode():
+            ref = model.encode(x).x
+
+        def amp(m: Data2Vec = model, x: torch.Tensor = x) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+                return m.encode(x).x
+
+        def pure(m: Data2Vec = half, x: torch.Tensor = xh) -> torch.Tensor:
+            with torch.inference_mode():
+                return m.encode(x).x
+
+        t_amp, t_pure = timed(amp, reps), timed(pure, reps)
+        r = row("extract-bf16-weights", f"{modality} {size}", "autocast", "bf16 weights", t_amp, t_pure, 0.0)
+        r["rel_diff"] = rel(pure(), ref)
+        r["rel_diff_old"] = rel(amp(), ref)
+        out.append(r)
+    return out
+
+
+def biased_attention(size: str, reps: int) -> list[dict[str, Any]]:
+    B, H, T, D = (8, 12, 197, 64) if size == "base" else (4, 2, 17, 16)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(B, H, T, D, generator=g) for _ in range(3)] + [0.1 * torch.randn(1, H, T, T, generator=g)]
+
+    def leaves() -> list[torch.Tensor]:
+        return [t.to(BF16).requires_grad_() for t in base]
+
+    def sdpa() -> torch.Tensor:
+        q, k, v, bias = leaves()
+        with sdpa_kernel(SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        o.float().square().sum().backward()
+        return torch.cat([o.detach().flatten(), bias.grad.flatten()])  # type: ignore[union-attr]
+
+    def explicit() -> torch.Tensor:
+        q, k, v, bias = leaves()
+        o = ((q * D**-0.5) @ k.transpose(-1, -2) + bias).softmax(-1) @ v
+        o.float().square().sum().backward()
+        return torch.cat([o.detach().flatten(), bias.grad.flatten()])  # type: ignore[union-attr]
+
+    agree = rel(explicit(), sdpa())
+    shape = f"({B}, {H}, {T}, {D}) bf16, forward + backward"
+    return [
+        row(
+            "biased-attention",
+            shape,
+            "SDPA math kernel",
+            "written out",
+            timed(sdpa, reps),
+            timed(explicit, reps),
+            agree,
+        )
+    ]
+
+
+def cnn_bf16(size: str, reps: int) -> list[dict[str, Any]]:
+    model = model_for("audio", size)
+    local = model.frontend.local
+    assert isinstance(local, AudioLocal)
+    x = inputs(model, size)
+
+    def run(precision: str) -> Callable[[], torch.Tensor]:
+        def f() -> torch.Tensor:
+            local.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=BF16, enabled=precision == "bf16"):
+                y = local.cnn(x)
+            y.float().square().mean().backward()
+            return y.detach()
+
+        return f
+
+    agree = rel(run("bf16")(), run("fp32")())
+    t32, t16 = timed(run("fp32"), reps), timed(run("bf16"), reps)
+    return [row("cnn-bf16", f"audio {size} CNN, forward + backward", "fp32", "bf16 autocast", t32, t16, agree)]
+
+
+LEVERS: dict[str, Callable[[str, int], list[dict[str, Any]]]] = {
+    "adamw": adamw,
+    "teacher-bf16-copy": teacher_copy,
+    "extract-bf16-weights": extract_bf16,
+    "biased-attention": biased_attention,
+    "cnn-bf16": cnn_bf16,
+}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"Machine: {result['machine']}; 1 thread; torch {result['torch']}", "", f"Command: `{result['command']}`"]
+    lines += [
+        "",
+        "| lever | case | old | new | old ms | new ms | speed-up | rel. diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        diff = f"{r['rel_diff']:.1e}"
+        if "rel_diff_old" in r:
+            diff = f"{r['rel_diff']:.1e} vs fp32 (autocast {r['rel_diff_old']:.1e})"
+        lines.append(
+            f"| {r['lever']} | {r['case']} | {r['old']} | {r['new']} | {r['old_ms']:.1f} | {r['new_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {diff} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=["base", "tiny"], default="base")
+    ap.add_argument("--levers", default=",".join(LEVERS), help="comma-separated: " + ", ".join(LEVERS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/levers")
+    args = ap.parse_args(argv)
+    chosen = [name for name in args.levers.split(",") if name]
+    unknown = [n for n in chosen if n not in LEVERS]
+    if unknown:
+        ap.error(f"--levers: unknown {', '.join(unknown)} (known: {', '.join(LEVERS)})")
+    torch.set_num_threads(1)
+    command = shlex.join(["python", "benchmarks/levers.py", *(sys.argv[1:] if argv is None else argv)])
+    result: dict[str, Any] = {"machine": cpu_name(), "torch": torch.__version__, "command": command, "rows": []}
+    for name in chosen:
+        print(f"{name} ...", flush=True)
+        result["rows"] += LEVERS[name](args.size, args.reps)
+    text = markdown(result)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
