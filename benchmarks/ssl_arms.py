@@ -99,17 +99,17 @@ def ours_config(preset_name: str, version: int, overrides: list[str]) -> RunConf
 
 
 def run_ours(
-    preset_name: str, version: int, budget_s: float, points: int, work: Path, overrides: list[str]
+    preset_name: str, version: int, budget_s: float, points: int, work: Path, overrides: list[str], tag: str = ""
 ) -> dict[str, Any]:
     """Pretrain with this library for `budget_s` seconds (steps calibrated on a short run), stopping
     at each snapshot step (a checkpoint) and resuming: the calls' wall time is the arm's clock,
-    start-up and data indexing included."""
+    start-up and data indexing included. The run goes to WORK/ours{version}{tag}."""
     cfg = ours_config(preset_name, version, overrides)
     times = []
     # the difference of a 2-step and a 12-step run: ten steps, start-up cancelled; a first 2-step run
     # takes the process's one-off costs (lazy imports and initialisation), which would shrink the difference
     for n in (2, 2, 12):
-        calib = work / f"ours{version}-calib"
+        calib = work / f"ours{version}{tag}-calib"
         shutil.rmtree(calib, ignore_errors=True)
         t0 = time.perf_counter()
         train(replace(cfg, train=replace(cfg.train, steps=n)), calib, progress=False, quiet=True)
@@ -118,7 +118,7 @@ def run_ours(
     per_step = max(1e-3, (times[2] - times[1]) / 10)
     total = max(points, int(budget_s / per_step))
     cfg = replace(cfg, train=replace(cfg.train, steps=total, keep_last=points + 1))
-    run = work / f"ours{version}"
+    run = work / f"ours{version}{tag}"
     shutil.rmtree(run, ignore_errors=True)
     clock, snaps = 0.0, []
     for k, stop in enumerate(points_of(total, points)):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import importlib
 import json
 import time
@@ -81,6 +82,16 @@ def evaluate(mod: ModuleType, arm: str, result: dict[str, Any], args: argparse.N
             flush=True,
         )
     result["probe_sets"] = {"train": f"{train_set.name} ({len(train_set)})", "test": f"{full.name} ({len(full)})"}
+
+
+def run_tag(args: argparse.Namespace) -> str:
+    """The suffix of our arms' run folders under --work: runs with another seed or other --set
+    overrides get their own folder, so they never overwrite the snapshots another run's
+    fine-tuning still reads."""
+    tag = f"-seed{args.seed}" if args.seed else ""
+    if args.overrides:
+        tag += "-" + hashlib.sha1("\n".join(args.overrides).encode()).hexdigest()[:8]
+    return tag
 
 
 # ---------------------------------------------------------------------- merge
@@ -271,11 +282,13 @@ def main() -> None:
             result = mod.run_peer(budget, args.points, work, args.seed, args)
         else:
             overrides = [*mod.ours_overrides(work), f"train.seed={args.seed}", *args.overrides]
-            result = run_ours(mod.PRESET, int(arm[-1]), budget, args.points, work, overrides)
+            result = run_ours(mod.PRESET, int(arm[-1]), budget, args.points, work, overrides, run_tag(args))
         evaluate(mod, arm, result, args)
         result["info"] = {
             "command": f"taskset -c CORE python benchmarks/vs_ssl.py --modality {args.modality} --arms {arm} "
-            f"--budget-minutes {args.budget_minutes} --points {args.points}",
+            f"--budget-minutes {args.budget_minutes} --points {args.points}"
+            + (f" --seed {args.seed}" if args.seed else "")
+            + "".join(f" --set {kv}" for kv in args.overrides),
             "probe": f"train {result['probe_sets']['train']}; test {result['probe_sets']['test']} at the last "
             f"point, {result['snapshots'][-1]['probe_test_examples']} of them at the others",
             "precision": precision(),

@@ -15,7 +15,7 @@ images after every epoch, the best epoch reported, as cifar10.py does.
 
 It reads `arm-<name>.json` in --out (written by vs_ssl.py; the snapshot files it names must still
 exist, under vs_ssl.py's --work), writes `finetune-<name>.json` there and rebuilds results.md with
-a fine-tuned table (vs_ssl.py --merge does too). Runs go to --work/MODALITY/finetune.
+a fine-tuned table (vs_ssl.py --merge does too). Runs go to --work/MODALITY/finetune/<name of --out>.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     mod = modality_module(args.modality)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "vs_ssl" / args.modality
-    work = Path(args.work) / args.modality / "finetune"
+    work = Path(args.work) / args.modality / "finetune" / out.name  # one folder per results folder
     torch.set_num_threads(args.threads)
     arms = (args.arms or f"ours2,{mod.PEER}").split(",")
     for arm in arms:

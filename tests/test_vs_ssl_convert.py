@@ -222,3 +222,17 @@ def test_converted_wav2vec2_matches_transformers(tmp_path: Path) -> None:
     with torch.no_grad():
         other = build_model(normed).eval().encode(x).x
     assert float((other - ref).abs().max()) > 1e-2
+
+
+def test_runs_with_other_seeds_or_overrides_get_their_own_folders() -> None:
+    import argparse
+
+    import vs_ssl
+
+    def tag(seed: int, overrides: list[str]) -> str:
+        return vs_ssl.run_tag(argparse.Namespace(seed=seed, overrides=overrides))
+
+    assert tag(0, []) == ""
+    assert tag(1, []) == "-seed1"
+    ema = tag(1, ["teacher.decay=0.99"])
+    assert ema.startswith("-seed1-") and ema != tag(1, ["teacher.decay=0.999"]) and ema == tag(1, ["teacher.decay=0.99"])
