@@ -12,9 +12,11 @@ relative difference of the outputs (or updated weights) between the two forms.
   after the EMA (the refresh counted in), still under autocast so norms and softmax stay fp32.
 - `extract-bf16-weights`: feature extraction under autocast against the model cast to bf16
   under `torch.inference_mode` (norms, softmax and GELU then run in bf16 too).
-- `biased-attention`: attention with a learned bias that needs a gradient (the 1.0 image
-  student, BEiT's relative positions; SDPA can only take its math kernel there) against the same
-  attention written out (scores, softmax, weighted sum), forward + backward, bf16.
+- `attention`: bf16 attention forward + backward at the shapes of the image 1.0 student (a
+  learned bias that needs a gradient: SDPA can only take its math kernel), text base (512 tokens,
+  flash) and image-tiny (65 tokens, where the library took the math kernel), against the same
+  attention written out (scores, softmax, weighted sum: `written_out_attention`, what training
+  on CPU in bf16 now uses).
 - `cnn-bf16`: the speech CNN (the base preset's 7 layers over 10 s at 16 kHz), forward +
   backward, fp32 against bf16 autocast: how much of the audio step bf16 can speed up at all.
 
@@ -44,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data2vec.doctor import cpu_name
 from data2vec.modalities.audio import AudioLocal
 from data2vec.model import Data2Vec
+from data2vec.nn.transformer import written_out_attention
 from data2vec.tiny import tiny_config
 
 BF16 = torch.bfloat16
@@ -172,40 +175,55 @@ def extract_bf16(size: str, reps: int) -> list[dict[str, Any]]:
     return out
 
 
-def biased_attention(size: str, reps: int) -> list[dict[str, Any]]:
-    B, H, T, D = (8, 12, 197, 64) if size == "base" else (4, 2, 17, 16)
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(B, H, T, D, generator=g) for _ in range(3)] + [0.1 * torch.randn(1, H, T, T, generator=g)]
+def attention(size: str, reps: int) -> list[dict[str, Any]]:
+    """bf16 attention forward + backward: the SDPA kernel the library used before (the math kernel
+    for a bias that needs a gradient and for sequences of <= 128 tokens, flash otherwise) against
+    `written_out_attention`."""
+    if size == "base":  # image 1.0 student (BEiT bias), text base, image-tiny (65 tokens)
+        cases = [((8, 12, 197, 64), True, SDPBackend.MATH), ((4, 12, 512, 64), False, SDPBackend.FLASH_ATTENTION)]
+        cases += [((64, 6, 65, 32), False, SDPBackend.MATH)]
+    else:
+        cases = [((4, 2, 17, 16), True, SDPBackend.MATH), ((4, 2, 17, 16), False, SDPBackend.FLASH_ATTENTION)]
+    out = []
+    for (B, H, T, D), with_bias, backend in cases:
+        g = torch.Generator().manual_seed(0)
+        base = [torch.randn(B, H, T, D, generator=g) for _ in range(3)]
+        bias = 0.1 * torch.randn(1, H, T, T, generator=g) if with_bias else None
 
-    def leaves() -> list[torch.Tensor]:
-        return [t.to(BF16).requires_grad_() for t in base]
+        def leaves(base: list[torch.Tensor] = base, bias: torch.Tensor | None = bias) -> list[Any]:
+            return [t.to(BF16).requires_grad_() for t in base] + [
+                None if bias is None else bias.to(BF16).requires_grad_()
+            ]
 
-    def sdpa() -> torch.Tensor:
-        q, k, v, bias = leaves()
-        with sdpa_kernel(SDPBackend.MATH):
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        o.float().square().sum().backward()
-        return torch.cat([o.detach().flatten(), bias.grad.flatten()])  # type: ignore[union-attr]
+        def grads(o: torch.Tensor, ts: list[Any]) -> torch.Tensor:
+            o.float().square().sum().backward()
+            return torch.cat([o.detach().flatten()] + [t.grad.flatten() for t in ts if t is not None])
 
-    def explicit() -> torch.Tensor:
-        q, k, v, bias = leaves()
-        o = ((q * D**-0.5) @ k.transpose(-1, -2) + bias).softmax(-1) @ v
-        o.float().square().sum().backward()
-        return torch.cat([o.detach().flatten(), bias.grad.flatten()])  # type: ignore[union-attr]
+        def sdpa(backend: SDPBackend = backend) -> torch.Tensor:
+            ts = leaves()
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(ts[0], ts[1], ts[2], attn_mask=ts[3])
+            return grads(o, ts)
 
-    agree = rel(explicit(), sdpa())
-    shape = f"({B}, {H}, {T}, {D}) bf16, forward + backward"
-    return [
-        row(
-            "biased-attention",
-            shape,
-            "SDPA math kernel",
-            "written out",
-            timed(sdpa, reps),
-            timed(explicit, reps),
-            agree,
+        def written() -> torch.Tensor:
+            ts = leaves()
+            return grads(written_out_attention(ts[0], ts[1], ts[2], ts[3], 0.0), ts)
+
+        kernel = "math" if backend == SDPBackend.MATH else "flash"
+        case = f"({B}, {H}, {T}, {D}) bf16{' + bias' if with_bias else ''}, forward + backward"
+        agree = rel(written(), sdpa())
+        out.append(
+            row(
+                "attention",
+                case,
+                f"SDPA {kernel} kernel",
+                "written out",
+                timed(sdpa, reps),
+                timed(written, reps),
+                agree,
+            )
         )
-    ]
+    return out
 
 
 def cnn_bf16(size: str, reps: int) -> list[dict[str, Any]]:
@@ -233,7 +251,7 @@ LEVERS: dict[str, Callable[[str, int], list[dict[str, Any]]]] = {
     "adamw": adamw,
     "teacher-bf16-copy": teacher_copy,
     "extract-bf16-weights": extract_bf16,
-    "biased-attention": biased_attention,
+    "attention": attention,
     "cnn-bf16": cnn_bf16,
 }
 

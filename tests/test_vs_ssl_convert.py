@@ -235,4 +235,6 @@ def test_runs_with_other_seeds_or_overrides_get_their_own_folders() -> None:
     assert tag(0, []) == ""
     assert tag(1, []) == "-seed1"
     ema = tag(1, ["teacher.decay=0.99"])
-    assert ema.startswith("-seed1-") and ema != tag(1, ["teacher.decay=0.999"]) and ema == tag(1, ["teacher.decay=0.99"])
+    assert (
+        ema.startswith("-seed1-") and ema != tag(1, ["teacher.decay=0.999"]) and ema == tag(1, ["teacher.decay=0.99"])
+    )

@@ -18,12 +18,23 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from data2vec.config import EncoderConfig
 
-CPU_BF16_MATH_MAX_TOKENS = 128
+
+def written_out_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, as plain tensor ops: on CPU in bf16, for a pass that
+    needs gradients, 1.2-2.9x faster forward + backward than either SDPA kernel at data2vec's
+    shapes (PyTorch's CPU flash kernel is slow backward in bf16, and a bias that needs a gradient
+    leaves SDPA only its math kernel); `python benchmarks/levers.py --levers attention`."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    weights = scores.softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
 
 
 class DropPath(nn.Module):
@@ -66,12 +77,11 @@ class Attention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)
         p = self.attn_dropout if self.training else 0.0
-        if q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_BF16_MATH_MAX_TOKENS:
-            # PyTorch's CPU flash kernel in bf16 at <= 128 tokens: forward+backward 1.5-8x slower
-            # than the math kernel, forward alone 2-6x faster; so only a pass that needs
-            # gradients takes the math kernel (benchmarks/attention_cpu.py).
-            with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        if q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # a bf16 pass that needs gradients, on CPU: written out beats both SDPA kernels; a
+            # pass without gradients (the teacher, extraction) keeps the flash kernel, whose
+            # bf16 forward is the fastest (benchmarks/attention_cpu.py)
+            out = written_out_attention(q, k, v, bias, p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, D/H)
         out = out.transpose(1, 2).reshape(B, T, D)

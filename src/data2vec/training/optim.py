@@ -9,9 +9,19 @@ from data2vec.config import OptimConfig
 from data2vec.model import no_weight_decay
 
 
+def fused_ok(params: list[nn.Parameter]) -> bool:
+    """PyTorch's fused AdamW takes these: plain (not sharded) floating tensors on a CPU or CUDA.
+    On the CPU its step is 3.75x faster than the per-parameter loop AdamW picks by default for
+    CPU tensors, and it updates the same weights (benchmarks/levers.py, `adamw`)."""
+    return all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-D parameters, biases, tokens and position tables. Each group
-    carries an `lr_scale` (the local encoder's is `cfg.local_lr_scale`; at 0 it is left out)."""
+    """AdamW (fused where `fused_ok`); no weight decay on 1-D parameters, biases, tokens and
+    position tables. Each group carries an `lr_scale` (the local encoder's is
+    `cfg.local_lr_scale`; at 0 it is left out)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -32,6 +42,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
+        fused=fused_ok([p for params in groups.values() for p in params]) or None,
     )
 
 
