@@ -48,6 +48,8 @@ from ssl_arms import init_model, model_features, ours_config, ours_features, pre
 from data2vec.probe import linear_probe
 
 OURS = {"ours2": "ours data2vec 2.0", "ours1": "ours data2vec 1.0"}
+SCRATCH = {"scratch": "ours 2.0's architecture, random init (no pretraining)"}
+"""vs_ssl_finetune.py's baseline arm: fine-tuning from ours 2.0's architecture at random init."""
 
 
 def modality_module(modality: str) -> ModuleType:
@@ -172,7 +174,7 @@ def merge(out: Path, modality: str) -> None:
     info["command"] = "; ".join(r["info"]["command"] for r in arms.values())
     lines += ["", *(f"- {k}: {v}" for k, v in info.items())]
     tuned = {p.stem.removeprefix("finetune-"): json.loads(p.read_text()) for p in sorted(out.glob("finetune-*.json"))}
-    lines += finetune_table(tuned, names)
+    lines += finetune_table(tuned, {**names, **SCRATCH})
     for name, ft in tuned.items():
         if name in arms:
             arms[name]["finetune"] = ft
@@ -215,9 +217,9 @@ def finetune_table(tuned: dict[str, dict[str, Any]], names: dict[str, str]) -> l
         per_seed = ", ".join(f"{s['best']:.4f} (ep {s['best_epoch']})" for s in r["seeds"])
         snap = r["snapshot"]
         minutes = np.mean([s["seconds"] for s in r["seeds"]]) / 60
+        shown = "none" if name in SCRATCH else f"step {snap['step']}, {snap['minutes']:.1f} min"
         lines.append(
-            f"| {names.get(name, name)} | step {snap['step']}, {snap['minutes']:.1f} min "
-            f"| {per_seed} | {r['mean']:.4f} | {r['std']:.4f} | {minutes:.1f} |"
+            f"| {names.get(name, name)} | {shown} | {per_seed} | {r['mean']:.4f} | {r['std']:.4f} | {minutes:.1f} |"
         )
     lines += [
         "",

@@ -30,15 +30,22 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from vs_ssl import arm_names, merge, modality_module
+from ssl_arms import init_model
+from vs_ssl import SCRATCH, arm_names, merge, modality_module
 
 from data2vec.finetune import finetune
+from data2vec.interop import save_pretrained
+from data2vec.pretrained import load_pretrained
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", choices=["image", "audio", "text"], default="image")
-    p.add_argument("--arms", default=None, help="comma-separated (default: ours2 and the peer)")
+    p.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated (default: ours2 and the peer); `scratch`: ours 2.0's architecture at random init",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1, help="fine-tune each arm with seeds 0..N-1 (each listed, mean)")
     p.add_argument("--labels", type=int, default=0, help="labelled training examples (0: the modality's)")
@@ -55,9 +62,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     arms = (args.arms or f"ours2,{mod.PEER}").split(",")
     for arm in arms:
-        if arm not in arm_names(mod):
-            raise SystemExit(f"vs_ssl_finetune: unknown arm {arm!r} for {args.modality} (ours2, ours1, {mod.PEER})")
-        snap = json.loads((out / f"arm-{arm}.json").read_text())["snapshots"][-1]
+        if arm not in arm_names(mod) and arm not in SCRATCH:
+            raise SystemExit(
+                f"vs_ssl_finetune: unknown arm {arm!r} for {args.modality} (ours2, ours1, {mod.PEER}, scratch)"
+            )
+        snap = json.loads((out / f"arm-{'ours2' if arm in SCRATCH else arm}.json").read_text())["snapshots"][-1]
         if not Path(snap["path"]).exists():
             raise SystemExit(
                 f"vs_ssl_finetune: {arm}'s last snapshot {snap['path']} is gone: pretrain it again "
@@ -67,10 +76,14 @@ def main() -> None:
     ft = mod.finetune_config(args.epochs)
     for arm in arms:
         t0 = time.perf_counter()
-        snap = json.loads((out / f"arm-{arm}.json").read_text())["snapshots"][-1]
+        snap = json.loads((out / f"arm-{'ours2' if arm in SCRATCH else arm}.json").read_text())["snapshots"][-1]
         source = snap["path"]
         result: dict[str, Any] = {"snapshot": {k: snap[k] for k in ("minutes", "step", "path")}}
-        if arm == mod.PEER:
+        if arm in SCRATCH:  # ours 2.0's snapshot's architecture (and vocabulary), its seeded random init
+            cfg = load_pretrained(source).config
+            source = str(save_pretrained(init_model(cfg), work / "scratch-init", config=cfg))
+            result["snapshot"] = {"minutes": 0.0, "step": 0, "path": source}
+        elif arm == mod.PEER:
             source = str(mod.peer_to_ours(source, work / f"{arm}-step{snap['step']}-as-ours"))
             result["converted"] = source
         runs = []
