@@ -308,7 +308,7 @@ def check_sdpa(plan: Plan, modality: str, version: int, precision: str, padded: 
         )
         ok = bool(used) and "math" not in used and any(k in FUSED for k in kernels)
     else:
-        ok = bool(used)  # on a CPU: reported (bf16 passes that need gradients take math on purpose)
+        ok = bool(used)  # on a CPU: reported (bf16 passes that need gradients are written out on purpose)
     return " + ".join(used) or "no SDPA op seen", numbers, ok
 
 
