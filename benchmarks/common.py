@@ -33,6 +33,15 @@ from data2vec.training import train
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def write_report(out: str | Path, text: str, data: Any) -> None:
+    """A benchmark's report: print `text`, write it to OUT.md and `data` to OUT.json."""
+    print(text)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(text + "\n")
+    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import write_report
 from speed import case_config, make_input
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -291,12 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in chosen:
         print(f"{name} ...", flush=True)
         result["rows"] += LEVERS[name](args.size, args.reps)
-    text = markdown(result)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.out, markdown(result), result)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import shlex
 import statistics
@@ -55,6 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import write_report
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -959,11 +959,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write(result: dict[str, Any], lines: list[str], out: Path) -> None:
     """Print the report (the header line, then `lines`) and write it to OUT.md, the result to OUT.json."""
-    text = "\n".join([header(result), *lines])
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out, "\n".join([header(result), *lines]), result)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ is excluded. Prints a markdown table and writes it with a JSON copy next to --ou
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_report
 
 from data2vec.model import Batch, Data2Vec
 from data2vec.presets import preset
@@ -76,12 +75,7 @@ def main() -> None:
             f"| {r['version']}.0 | {r['precision']} | {r['batch']} x {r['masks']} | {r['step_ms']:.0f} | "
             f"{r['steps_per_s']:.2f} | {r['samples_per_s']:.0f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_report(args.out, "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

@@ -44,22 +44,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(tmp: Path, nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+def _launch(tmp: Path, nproc: int, program: list[str]) -> subprocess.CompletedProcess[str]:
+    """torchrun `program` (a script or `-m module`, with its arguments) on `nproc` CPU processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        "-m",
-        "data2vec",
-        "pretrain",
-        "--no-progress",
-        *args,
-    ]
+    rdzv = ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rdzv, *program]
     return subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=240)
+
+
+def _torchrun(tmp: Path, nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return _launch(tmp, nproc, ["-m", "data2vec", "pretrain", "--no-progress", *args])
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -193,18 +187,6 @@ def test_finish_frees_the_ddp_models(tmp_path: Path) -> None:
     for interpreter shutdown to free: one that was made ranks abort at exit now and then."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_CLEAN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(script),
-        str(tmp_path / "run"),
-        *TINY,
-    ]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    res = _launch(tmp_path, 2, [str(script), str(tmp_path / "run"), *TINY])
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("DDP models alive after finish: 0") == 2, res.stdout

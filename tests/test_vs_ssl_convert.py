@@ -33,11 +33,17 @@ def _random_mae(seed: int = 0, positions: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
     full = ViTMAEForPreTraining(mcfg)
     mae = (vs_ssl_image.published_init(full) if positions else full).vit.eval()
+    return _randomise(mae, "layernorm", skip="embeddings.position_embeddings")
+
+
+def _randomise(model: torch.nn.Module, norm: str, skip: str = "") -> torch.nn.Module:
+    """Every parameter (but `skip`) random, norms around 1 (those whose name holds `norm`), so that
+    swapping any two of them changes the output."""
     with torch.no_grad():
-        for name, p in mae.named_parameters():
-            if name != "embeddings.position_embeddings":
-                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "layernorm" in name else 0.0))
-    return mae
+        for name, p in model.named_parameters():
+            if name != skip:
+                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if norm in name else 0.0))
+    return model
 
 
 def _mae_tokens(mae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +142,7 @@ def _random_roberta(seed: int = 0) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     model = RobertaModel(rcfg, add_pooling_layer=False).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "LayerNorm" in name else 0.0))
-    return model
+    return _randomise(model, "LayerNorm")
 
 
 def test_converted_roberta_matches_transformers(tmp_path: Path) -> None:
@@ -190,11 +193,7 @@ def _random_w2v(seed: int = 0) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     model = Wav2Vec2Model(wcfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if p.ndim > 1 else 0.5
-            p.copy_(torch.randn_like(p) * scale + (1.0 if "layer_norm" in name and "weight" in name else 0.0))
-    return model
+    return _randomise(model, "layer_norm.weight")
 
 
 def test_converted_wav2vec2_matches_transformers(tmp_path: Path) -> None:
