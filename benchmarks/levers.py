@@ -17,6 +17,8 @@ relative difference of the outputs (or updated weights) between the two forms.
   flash) and image-tiny (65 tokens, where the library took the math kernel), against the same
   attention written out (scores, softmax, weighted sum: `written_out_attention`, what training
   on CPU in bf16 now uses).
+- `extract-compile-freezing`: feature extraction in bf16, eager against `torch.compile` with
+  inductor's freezing (weights folded in as constants: the inference form of compile).
 - `cnn-bf16`: the speech CNN (the base preset's 7 layers over 10 s at 16 kHz), forward +
   backward, fp32 against bf16 autocast: how much of the audio step bf16 can speed up at all.
 
@@ -246,12 +248,53 @@ def cnn_bf16(size: str, reps: int) -> list[dict[str, Any]]:
     return [row("cnn-bf16", f"audio {size} CNN, forward + backward", "fp32", "bf16 autocast", t32, t16, agree)]
 
 
+class _Encode(torch.nn.Module):
+    """`model.encode(x).x` as a module's forward, for torch.compile."""
+
+    def __init__(self, model: Data2Vec) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x).x
+
+
+def extract_compile_freezing(size: str, reps: int) -> list[dict[str, Any]]:
+    """Extraction in bf16 autocast: eager against `torch.compile` with inductor's freezing (the
+    weights folded into the graph as constants, for inference). The compile runs in the warm-up
+    calls, outside the timing; its seconds are in the row's case."""
+    import torch._inductor.config as inductor_config
+
+    out = []
+    for modality in ("image", "text"):
+        model = model_for(modality, size).eval()
+        x = inputs(model, size)
+        eager = _Encode(model)
+        frozen = copy.deepcopy(eager)
+
+        def run(m: torch.nn.Module, x: torch.Tensor = x) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+                return m(x)
+
+        with inductor_config.patch(freezing=True):
+            compiled = torch.compile(frozen)
+            t0 = time.perf_counter()
+            agree = rel(run(compiled), run(eager))
+            compile_s = time.perf_counter() - t0
+            t_new = timed(lambda c=compiled: run(c), reps)
+        t_old = timed(lambda e=eager: run(e), reps)
+        case = f"{modality} {size} extraction, bf16 (compile {compile_s:.0f} s)"
+        out.append(row("extract-compile-freezing", case, "eager", "compiled, frozen", t_old, t_new, agree))
+    return out
+
+
 LEVERS: dict[str, Callable[[str, int], list[dict[str, Any]]]] = {
     "adamw": adamw,
     "teacher-bf16-copy": teacher_copy,
     "extract-bf16-weights": extract_bf16,
     "attention": attention,
     "cnn-bf16": cnn_bf16,
+    "extract-compile-freezing": extract_compile_freezing,
 }
 
 
