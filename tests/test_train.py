@@ -195,6 +195,26 @@ def test_local_lr_scale_one_keeps_the_two_group_optimizer() -> None:
     assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("modality", ["image", "audio", "text"])
+def test_a_compiled_block_is_one_graph(modality: str) -> None:
+    """`train.compile` compiles each Transformer block: in training, in bf16 autocast (the
+    written-out attention path included), a block traces to one graph with no graph break."""
+    import torch._dynamo
+
+    from data2vec.model import Data2Vec
+    from data2vec.tiny import tiny_config
+
+    for version in (1, 2):
+        torch.manual_seed(0)
+        cfg = tiny_config(modality, version)
+        block = Data2Vec.from_config(cfg).train().encoder.blocks[0]
+        x = torch.randn(2, 10, cfg.model.encoder.dim)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explained = torch._dynamo.explain(block)(x)
+        torch._dynamo.reset()
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_compiled_blocks_train_like_eager(tmp_path: Path) -> None:
     """`train.compile` changes speed, not results: same losses, same weights (fp32)."""
     runs = {}
