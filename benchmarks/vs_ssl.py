@@ -199,6 +199,22 @@ def merge(out: Path, modality: str) -> None:
     plt.close(fig)
 
 
+def recipe_line(rc: dict[str, Any]) -> str:
+    """A fine-tuning recipe in words: what every task has, then the image-only augmentations
+    for an image task, the head's norm and whether the CNN trains for a speech one."""
+    words = [f"{rc['task']}, {rc['epochs']} epochs, batch {rc['batch_size']}, lr {rc['lr']}"]
+    words.append(
+        f"layer decay {rc['layer_decay']}, drop-path {rc['drop_path']}, label smoothing {rc['label_smoothing']}"
+    )
+    if rc["task"].startswith("image"):
+        words.append(
+            f"mixup {rc['mixup']} / cutmix {rc['cutmix']} (p {rc['mix_prob']}), crop scale {tuple(rc['crop_scale'])}"
+        )
+    if rc["task"].startswith("audio"):
+        words.append(f"{rc['head_norm']}-norm head, CNN {'frozen' if rc.get('freeze_cnn', True) else 'trained'}")
+    return ", ".join([*words, rc["precision"]])
+
+
 def finetune_table(tuned: dict[str, dict[str, Any]], names: dict[str, str]) -> list[str]:
     """results.md lines for the `finetune-<arm>.json` files (vs_ssl_finetune.py): every seed's
     best-epoch score, their mean and spread, per arm; nothing when there are none."""
@@ -223,10 +239,7 @@ def finetune_table(tuned: dict[str, dict[str, Any]], names: dict[str, str]) -> l
         )
     lines += [
         "",
-        f"- recipe: {rc['task']}, {rc['epochs']} epochs, batch {rc['batch_size']}, lr {rc['lr']}, layer decay "
-        f"{rc['layer_decay']}, drop-path {rc['drop_path']}, mixup {rc['mixup']} / cutmix {rc['cutmix']} "
-        f"(p {rc['mix_prob']}), label smoothing {rc['label_smoothing']}, crop scale {tuple(rc['crop_scale'])}, "
-        f"{rc['precision']}; the best epoch on the test set (as benchmarks/cifar10.py)",
+        f"- recipe: {recipe_line(rc)}; the best epoch on the test set (as benchmarks/cifar10.py does)",
         f"- sets: train {first['sets']['train']}; test {first['sets']['test']}",
         "- the peer's encoder is converted into this library's model and fine-tuned by the same code",
         f"- command: {'; '.join(r['info']['command'] for r in tuned.values())}",

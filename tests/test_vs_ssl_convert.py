@@ -237,3 +237,16 @@ def test_runs_with_other_seeds_or_overrides_get_their_own_folders() -> None:
     assert (
         ema.startswith("-seed1-") and ema != tag(1, ["teacher.decay=0.999"]) and ema == tag(1, ["teacher.decay=0.99"])
     )
+
+
+def test_the_recipe_line_names_what_the_task_uses() -> None:
+    import vs_ssl
+
+    from data2vec.finetune import finetune_preset
+
+    image = vs_ssl.recipe_line(finetune_preset("image_cls").to_dict())
+    text = vs_ssl.recipe_line(finetune_preset("text_cls", lr=5e-4).to_dict())
+    audio = vs_ssl.recipe_line(finetune_preset("audio_cls", head_norm="batch").to_dict())
+    assert "mixup" in image and "crop scale" in image
+    assert "mixup" not in text and "lr 0.0005" in text
+    assert "batch-norm head, CNN frozen" in audio and "mixup" not in audio
