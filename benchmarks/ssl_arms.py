@@ -37,9 +37,10 @@ from data2vec.config import RunConfig, apply_overrides
 from data2vec.data.eval_inputs import labelled_items
 from data2vec.extract import extract_items
 from data2vec.finetune import LabelledSet
+from data2vec.interop import save_pretrained
 from data2vec.model import Data2Vec
 from data2vec.presets import preset
-from data2vec.pretrained import build_model, load_pretrained
+from data2vec.pretrained import build_model, load_pretrained, load_student_weights
 from data2vec.training import train
 from data2vec.training.devices import resolve_precision
 
@@ -157,6 +158,16 @@ def ours_features(path: str, data: LabelledSet) -> np.ndarray:
 def model_features(model: Data2Vec, cfg: RunConfig, data: LabelledSet) -> np.ndarray:
     feats = extract_items(model.eval(), labelled_items(cfg, data), batch_size=64)
     return feats[max(feats)]
+
+
+def save_as_ours(cfg: RunConfig, state: dict[str, torch.Tensor], out_dir: Path, what: str) -> Path:
+    """A peer's encoder, already in our key names (`state`), as our pretrained-model folder for
+    the model `cfg` describes (what `load_pretrained` and `finetune` read); `what` names it in
+    errors. The parts the encoder lacks (2.0 decoder, heads) start from seed 0 and are unused."""
+    torch.manual_seed(0)
+    model = Data2Vec.from_config(cfg)
+    load_student_weights(model, state, what, what=f"{what} conversion")
+    return save_pretrained(model.eval(), out_dir, config=cfg)
 
 
 def init_model(cfg: RunConfig) -> Data2Vec:

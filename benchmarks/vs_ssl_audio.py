@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -39,17 +38,15 @@ import common
 import numpy as np
 import torch
 from speech import HELD_OUT, synthetic_speech
-from ssl_arms import autocast, calibrated_run, decay_groups, linear_lr, ours_config
+from ssl_arms import autocast, calibrated_run, decay_groups, linear_lr, ours_config, save_as_ours
 
 from data2vec.config import RunConfig
 from data2vec.data.audio import load_audio, normalize_waveform
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.pipeline import build_pretrain_loader
 from data2vec.finetune import FinetuneConfig, LabelledSet, finetune_preset
-from data2vec.interop import InteropError, save_pretrained
-from data2vec.interop.hf import load_hf
-from data2vec.model import Data2Vec
-from data2vec.pretrained import load_student_weights
+from data2vec.interop import InteropError
+from data2vec.interop.hf import hf_import
 
 PRESET = "audio-tiny"
 PEER = "wav2vec2"
@@ -281,8 +278,6 @@ def w2v_to_ours(model: Any, out_dir: Path) -> Path:
     of wav2vec 2.0's kernel, the weight norm folded into the plain weight it computes, and the
     result is built with `audio.pos_conv_norm=false` (no LayerNorm after that layer).
     tests/test_vs_ssl_convert.py checks it frame for frame against `Wav2Vec2Model`."""
-    from safetensors.torch import save_file
-
     wcfg = model.config
     if wcfg.do_stable_layer_norm or wcfg.feat_extract_norm != "layer":
         raise InteropError("w2v_to_ours: only post-norm wav2vec 2.0 with a layer-norm CNN maps onto our model")
@@ -291,22 +286,16 @@ def w2v_to_ours(model: Any, out_dir: Path) -> Path:
     sd["encoder.pos_conv_embed.layers.0.conv.weight"] = pos.weight.detach()  # g * v / |v|, computed
     sd["encoder.pos_conv_embed.layers.0.conv.bias"] = pos.bias.detach()
     hf = {
-        **wcfg.to_dict(),
+        **json.loads(wcfg.to_json_string()),  # config.json's form (string label keys)
         "model_type": "data2vec-audio",
         "architectures": ["Data2VecAudioModel"],
         "num_conv_pos_embeddings": 1,  # data2vec's layer count; wav2vec 2.0's kernel goes to conv_pos_kernel_size
         "conv_pos_kernel_size": wcfg.num_conv_pos_embeddings,
     }
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(hf))
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(d) / "model.safetensors"))
-        imp = load_hf(d)
+    imp = hf_import(hf, sd, "a wav2vec 2.0 encoder")
     m = imp.config.model
     cfg = replace(imp.config, model=replace(m, audio=replace(m.audio, pos_conv_norm=False)))
-    torch.manual_seed(0)
-    ours = Data2Vec.from_config(cfg)
-    load_student_weights(ours, imp.state_dict, "a wav2vec 2.0 encoder", what="wav2vec 2.0 conversion")
-    return save_pretrained(ours.eval(), out_dir, config=cfg)
+    return save_as_ours(cfg, imp.state_dict, out_dir, "a wav2vec 2.0 encoder")
 
 
 def peer_to_ours(path: str, out_dir: Path) -> Path:

@@ -38,6 +38,14 @@ from data2vec.interop import save_pretrained
 from data2vec.pretrained import load_pretrained
 
 
+def last_snapshot(out: Path, arm: str) -> dict[str, Any]:
+    """The last pretraining snapshot vs_ssl.py recorded for `arm` in `out` (for `scratch`, ours
+    2.0's: its architecture is the one initialised at random)."""
+    name = "ours2" if arm in SCRATCH else arm
+    snap: dict[str, Any] = json.loads((out / f"arm-{name}.json").read_text())["snapshots"][-1]
+    return snap
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", choices=["image", "audio", "text"], default="image")
@@ -66,7 +74,7 @@ def main() -> None:
             raise SystemExit(
                 f"vs_ssl_finetune: unknown arm {arm!r} for {args.modality} (ours2, ours1, {mod.PEER}, scratch)"
             )
-        snap = json.loads((out / f"arm-{'ours2' if arm in SCRATCH else arm}.json").read_text())["snapshots"][-1]
+        snap = last_snapshot(out, arm)
         if not Path(snap["path"]).exists():
             raise SystemExit(
                 f"vs_ssl_finetune: {arm}'s last snapshot {snap['path']} is gone: pretrain it again "
@@ -76,7 +84,7 @@ def main() -> None:
     ft = mod.finetune_config(args.epochs)
     for arm in arms:
         t0 = time.perf_counter()
-        snap = json.loads((out / f"arm-{'ours2' if arm in SCRATCH else arm}.json").read_text())["snapshots"][-1]
+        snap = last_snapshot(out, arm)
         source = snap["path"]
         result: dict[str, Any] = {"snapshot": {k: snap[k] for k in ("minutes", "step", "path")}}
         if arm in SCRATCH:  # ours 2.0's snapshot's architecture (and vocabulary), its seeded random init

@@ -23,17 +23,15 @@ import common
 import numpy as np
 import torch
 from cifar10 import finetune_recipe, labelled
-from ssl_arms import autocast, calibrated_run, cosine_lr, decay_groups, ours_config
+from ssl_arms import autocast, calibrated_run, cosine_lr, decay_groups, ours_config, save_as_ours
 from torch import Tensor
 
 from data2vec.config import RunConfig
 from data2vec.data.images import ImageFolderSource, PretrainTransform, TarShardSource, eval_transform
 from data2vec.data.sampling import sample_seed
 from data2vec.finetune import FinetuneConfig, LabelledSet
-from data2vec.interop import InteropError, save_pretrained
-from data2vec.model import Data2Vec
+from data2vec.interop import InteropError
 from data2vec.nn.pos import sincos_2d
-from data2vec.pretrained import load_student_weights
 
 PRESET = "image-tiny"
 PEER = "mae"
@@ -323,10 +321,7 @@ def mae_to_ours(mae: dict[str, Tensor] | str | Path, cfg: RunConfig, out_dir: st
             mae = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(mae, dict)
     rcfg = mae_run_config(cfg, mae_positions(mae, cfg))
-    torch.manual_seed(0)
-    model = Data2Vec.from_config(rcfg)
-    load_student_weights(model, mae_state_to_ours(mae, cfg), "a MAE encoder", what="MAE conversion")
-    return save_pretrained(model.eval(), out_dir, config=rcfg)
+    return save_as_ours(rcfg, mae_state_to_ours(mae, cfg), Path(out_dir), "a MAE encoder")
 
 
 def peer_to_ours(path: str, out_dir: Path) -> Path:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,14 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from ssl_arms import autocast, calibrated_run, decay_groups, linear_lr, ours_config
+from ssl_arms import autocast, calibrated_run, decay_groups, linear_lr, ours_config, save_as_ours
 
 from data2vec.data.labelled import read_labelled
 from data2vec.data.sampling import ResumableBatchSampler
 from data2vec.data.text import PackedBlocks, TextPipeline, wrap_document
 from data2vec.finetune import FinetuneConfig, LabelledSet, finetune_preset
 from data2vec.interop import InteropError
-from data2vec.interop.conversion import convert
+from data2vec.interop.hf import hf_import
 from data2vec.tokenizer import TextTokenizer
 
 PRESET = "text-tiny"
@@ -259,21 +258,16 @@ def finetune_config(epochs: int) -> FinetuneConfig:
 
 
 def roberta_to_ours(config: dict[str, Any], encoder: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """A RoBERTa encoder (its config dict and `RobertaModel` state dict) as our pretrained-model
-    folder. transformers' data2vec-text model is RoBERTa's architecture with the same weight
-    names, so the encoder goes through this library's transformers importer (`convert`) as a
+    """A RoBERTa encoder (its config as `to_dict()` gives it, and the `RobertaModel` state dict)
+    as our pretrained-model folder. transformers' data2vec-text model is RoBERTa's architecture with the same weight
+    names, so the encoder goes through this library's transformers importer (`hf_import`) as a
     `data2vec-text` checkpoint; tests/test_vs_ssl_convert.py checks the result token for token
     against `RobertaModel`."""
-    from safetensors.torch import save_file
-
     if config.get("model_type") != "roberta":
         raise InteropError(f"roberta_to_ours: model_type {config.get('model_type')!r}, expected 'roberta'")
-    hf = {**config, "model_type": "data2vec-text", "architectures": ["Data2VecTextModel"]}
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(hf))
-        save_file({k: v.contiguous() for k, v in encoder.items()}, str(Path(d) / "model.safetensors"))
-        folder, _ = convert(d, out_dir)
-    return folder
+    hf = {**json.loads(json.dumps(config)), "model_type": "data2vec-text", "architectures": ["Data2VecTextModel"]}
+    imp = hf_import(hf, encoder, "a RoBERTa encoder")
+    return save_as_ours(imp.config, imp.state_dict, out_dir, "a RoBERTa encoder")
 
 
 def peer_to_ours(path: str, out_dir: Path) -> Path:

@@ -2,7 +2,8 @@
 
 - `load_hf(path_or_hub_id)` reads a transformers folder (config.json + model.safetensors, sharded
   safetensors, or a `pytorch_model.bin` loaded with `weights_only=True`) into our RunConfig and
-  our key names, with task-head weights kept apart (`HFHead`).
+  our key names, with task-head weights kept apart (`HFHead`); `hf_import(config_dict,
+  state_dict, source)` does the same for a checkpoint already in memory.
 - `save_hf(model, out_dir)` writes a data2vec 1.0 model so that
   `transformers.Data2Vec{Vision,Audio,Text}Model.from_pretrained(out_dir)` loads it with no missing
   or unexpected weights and computes the same hidden states.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from data2vec.interop.hf.config import exportable as exportable
 from data2vec.interop.hf.config import hf_config as hf_config
+from data2vec.interop.hf.files import hf_import as hf_import
 from data2vec.interop.hf.files import load_hf as load_hf
 from data2vec.interop.hf.files import save_hf as save_hf
 from data2vec.interop.hf.forward import HFOutput as HFOutput

@@ -92,24 +92,38 @@ def load_hf(path: str | Path) -> HFImport:
     if not config_path.is_file():
         raise InteropError(f"{folder}: no config.json")
     hf = read_json(config_path)
+    _modality(hf, folder)  # the model type first: a non-data2vec folder is named before its weights are read
+    return hf_import(hf, _load_weights(folder), str(path), config_path)
+
+
+def _modality(hf: dict[str, Any], where: str | Path) -> str:
     model_type = hf.get("model_type")
     if not isinstance(model_type, str) or model_type not in MODEL_TYPE:
         raise InteropError(
-            f"{folder}: model_type {model_type!r} is not a data2vec model ({', '.join(sorted(MODEL_TYPE))})"
+            f"{where}: model_type {model_type!r} is not a data2vec model ({', '.join(sorted(MODEL_TYPE))})"
         )
-    modality = MODEL_TYPE[model_type]
+    return MODEL_TYPE[model_type]
+
+
+def hf_import(
+    hf: dict[str, Any], weights: dict[str, Tensor], source: str, config_name: str | Path = "config.json"
+) -> HFImport:
+    """A transformers data2vec checkpoint already in memory (its config.json as a dict and its
+    state dict) in our terms; `load_hf` reads the two from a folder. Errors name `source` (and the
+    config's file name)."""
+    modality = _modality(hf, source)
     try:
         model = model_config(hf, modality)
         cfg = run_config(model)
         architecture = _architecture(hf, modality)
     except InteropError as e:
-        raise InteropError(f"{config_path}: {e}") from None
+        raise InteropError(f"{config_name}: {e}") from None
     except ConfigError as e:
-        raise InteropError(f"{folder}: the config maps to an invalid model: {e}") from None
-    backbone, head_weights = split_backbone(_load_weights(folder), modality)
+        raise InteropError(f"{source}: the config maps to an invalid model: {e}") from None
+    backbone, head_weights = split_backbone(weights, modality)
     state = to_ours(backbone, model)
     head = _head(architecture, head_weights, hf, modality)
-    return HFImport(cfg, state, head, hf, str(path))
+    return HFImport(cfg, state, head, hf, source)
 
 
 def _architecture(hf: dict[str, Any], modality: str) -> str:
